@@ -1,0 +1,88 @@
+"""Command line: ``steerheal`` or ``python -m steerheal_utils``.
+
+Subcommands: ``run`` (the loop), ``eval`` (score any model/adapter stack), ``report``
+(re-plot a run folder), ``bench`` (stage timings vs naive references), ``study`` (the
+matched-controls study), ``config`` (list every knob).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from . import config as C
+
+
+def _run(args) -> int:
+    from .driver import run_loop
+
+    cfg = C.resolve(args.preset, args.set)
+    run_loop(args.run_dir, cfg, args.rounds, override=args.override_config)
+    print(f"run folder: {args.run_dir}", file=sys.stderr)
+    return 0
+
+
+def _config(args) -> int:
+    if args.preset:
+        import yaml
+
+        print(yaml.safe_dump(C.resolve(args.preset, args.set).to_dict(), sort_keys=False), end="")
+    else:
+        print(C.Config.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="steerheal", description="Steer, heal, repeat.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run or resume the loop")
+    r.add_argument("--preset", default="default", choices=list(C.PRESETS))
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--run-dir", required=True)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--override-config", action="store_true", help="continue an existing run with a changed config")
+    r.set_defaults(func=_run)
+
+    c = sub.add_parser("config", help="list every config key, or print a resolved preset")
+    c.add_argument("--preset", choices=list(C.PRESETS))
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=_config)
+
+    for name, module, helptext in (("eval", "evaluate", "evaluate a model / adapter stack on the vignettes and the axis probe"),
+                                   ("report", "report", "write report.html and trajectory.png for a run folder"),
+                                   ("bench", "bench", "time each stage against its naive reference"),
+                                   ("study", "study", "run the matched-controls study and regenerate its outputs")):
+        if importlib.util.find_spec(f"steerheal_utils.{module}") is None:
+            continue  # that stage's module is not written yet
+        mod = importlib.import_module(f"steerheal_utils.{module}")
+        sp = sub.add_parser(name, help=helptext)
+        mod.add_cli(sp)  # each module declares its arguments and sets func
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except C.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # known failure kinds get one clear line, not a stack trace
+        from .driver import LoopError
+        from .models import ModelLoadError
+        from .runfolder import RunFolderError
+
+        if isinstance(e, (LoopError, ModelLoadError, RunFolderError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

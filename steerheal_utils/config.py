@@ -1,0 +1,326 @@
+"""One typed, validated config for a whole run.
+
+Every knob has a default and a one-line meaning (``Config.describe()`` prints them).
+A run folder stores the resolved config as ``config.yaml``; every stage reads it from
+there, so an executed notebook plus its run folder is enough to reproduce a round.
+
+Presets set many knobs at once (``tiny`` for tests, ``default`` for the embedded model
+on a laptop CPU, ``gemma-3-4b`` for the paper scale on one GPU). ``--set key=value``
+overrides any knob; values are parsed as YAML (``--set layers=[13,14]``,
+``--set dose=null``).
+
+Validation happens here, before any model is loaded: unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POS_PERSONA = "someone who looks after others' wellbeing even when it means defying authority"
+NEG_PERSONA = "someone who defers to authority even when others' wellbeing suffers for it"
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that is not accepted."""
+
+
+def knob(default: Any, help: str, *, choices: tuple | None = None,
+         lo: float | None = None, hi: float | None = None) -> Any:
+    """A config field with its one-line meaning and accepted values."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- model ---
+    model: str = knob("smollm2-135m-instruct", "HF model id, local folder, 'smollm2-135m-instruct' (embedded) or 'tiny:llama' / 'tiny:gemma3' (random-init test models)")
+    dtype: str = knob("auto", "weights dtype; auto = bfloat16 on CUDA, float32 elsewhere", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = knob("auto", "torch device; auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"))
+    trust_remote_code: bool = knob(False, "allow model repos to run their own Python code (off: safer)")
+    seed: int = knob(0, "base seed; every stage derives its own from (seed, round, stage)", lo=0)
+    pos_persona: str = knob(POS_PERSONA, "persona whose direction is added (system prompt)")
+    neg_persona: str = knob(NEG_PERSONA, "persona whose direction is subtracted (system prompt)")
+    batch_size: int = knob(16, "forward batch size for extraction, scoring and eval", lo=1)
+
+    # --- 01 vector ---
+    layer_lo: float = knob(0.45, "steered depth band: first layer at this fraction of depth", lo=0.0, hi=1.0)
+    layer_hi: float = knob(0.55, "steered depth band: last layer at this fraction of depth", lo=0.0, hi=1.0)
+    layers: list[int] = knob([], "explicit steered layer indices; overrides layer_lo/layer_hi when non-empty")
+    n_contexts: int = knob(256, "user messages (from the shipped contexts) used to extract the vector", lo=2)
+
+    # --- 02 generate ---
+    dose: float | None = knob(None, "steering dose in units of the layer's mean residual norm; null = calibrate each round", lo=0.0)
+    steer_positions: str = knob("all", "where the vector is added: every position, or from the assistant tag on", choices=("all", "generated"))
+    dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0)
+    temperature: float = knob(1.0, "sampling temperature", lo=0.0)
+    top_p: float = knob(0.95, "nucleus sampling mass", lo=0.0, hi=1.0)
+    top_k: int = knob(64, "top-k sampling; 0 = off", lo=0)
+    max_new_tokens: int = knob(96, "completion length cap (tokens)", lo=1)
+    gen_batch_size: int = knob(32, "prompts sampled together", lo=1)
+    n_keep: int = knob(64, "kept completions to collect for heal", lo=1)
+    gen_budget: int = knob(192, "most completions generated per round while collecting", lo=1)
+    calib_target: float = knob(0.75, "dose search: fraction of probe completions the filter must keep", lo=0.0, hi=1.0)
+    calib_probes: int = knob(16, "probe completions per dose tried (drawn across the whole pool)", lo=1)
+    calib_lo: float = knob(0.01, "dose search lower bound", lo=0.0)
+    calib_hi: float = knob(1.0, "dose search upper bound", lo=0.0)
+    calib_steps: int = knob(5, "bisection steps in log-dose", lo=0)
+
+    # --- 03 filter (thresholds; see steerheal_utils.filter) ---
+    max_tail_ppl: float = knob(50.0, "drop if perplexity under base of the last tail_frac of tokens exceeds this", lo=1.0)
+    tail_frac: float = knob(0.25, "fraction of completion tokens that counts as the tail", lo=0.0, hi=1.0)
+    max_ngram_repeat: float = knob(0.3, "drop if the repeated word n-gram fraction exceeds this", lo=0.0, hi=1.0)
+    min_train: int = knob(8, "stop the round if fewer completions are kept", lo=1)
+
+    # --- 04 heal ---
+    lora_r: int = knob(32, "LoRA rank", lo=1)
+    lora_alpha: float = knob(64.0, "LoRA alpha (scale = alpha / r)", lo=0.0)
+    lora_dropout: float = knob(0.0, "LoRA dropout", lo=0.0, hi=1.0)
+    lora_targets: list[str] = knob(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names that get LoRA")
+    lora_layer_lo: float = knob(0.2, "LoRA depth band start (fraction of depth)", lo=0.0, hi=1.0)
+    lora_layer_hi: float = knob(0.8, "LoRA depth band end (fraction of depth)", lo=0.0, hi=1.0)
+    reg: str = knob("kl", "regulariser: KL barrier, none (plain NLL), or weight decay", choices=("kl", "nll", "wd"))
+    kl_dir: str = knob("reverse", "KL(student||ref) (reverse) or KL(ref||student) (forward)", choices=("reverse", "forward"))
+    kl_agg: str = knob("rmse", "per-sequence aggregate of per-position KL", choices=("mean", "rmse", "p95", "max"))
+    kl_ref: str = knob("base", "KL reference: base (every adapter off) or prev (earlier rounds baked)", choices=("base", "prev"))
+    lam: float = knob(1.0, "barrier weight", lo=0.0)
+    lam_round_pow: float = knob(0.0, "barrier weight grows as lam * (1 + r)^pow with baked rounds r")
+    tau: float = knob(0.5, "barrier gate: penalise only the aggregate above tau (absolute mode)", lo=0.0)
+    tau_mode: str = knob("absolute", "tau as given, or calibrated as a quantile of D at the start of the round", choices=("absolute", "quantile"))
+    tau_quantile: float = knob(0.9, "quantile of the starting D used as tau in quantile mode", lo=0.0, hi=1.0)
+    weight_decay: float = knob(0.0, "AdamW weight decay (reg=wd uses wd_strength instead)", lo=0.0)
+    wd_strength: float = knob(0.1, "weight decay used when reg=wd", lo=0.0)
+    lr: float = knob(1e-4, "AdamW learning rate", lo=0.0)
+    beta1: float = knob(0.9, "AdamW beta1", lo=0.0, hi=1.0)
+    beta2: float = knob(0.95, "AdamW beta2", lo=0.0, hi=1.0)
+    warmup_frac: float = knob(0.1, "fraction of steps of linear warm-up before cosine decay", lo=0.0, hi=1.0)
+    epochs: int = knob(6, "passes over the kept completions", lo=1)
+    train_batch_size: int = knob(8, "heal batch size", lo=1)
+    grad_clip: float = knob(1.0, "gradient norm clip; 0 = off", lo=0.0)
+    max_seq_len: int = knob(512, "prompt + completion tokens kept for training", lo=8)
+
+    # --- 05 eval ---
+    vignettes: str = knob("", "vignette JSONL (tiny-mfv schema); empty = the shipped classic set")
+    eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (faithful) or prefix (shared-prefix KV reuse, faster)", choices=("tinymfv", "prefix"))
+    eval_max_rows: int = knob(0, "stratified subset of vignettes; 0 = all", lo=0)
+    think_tokens: int = knob(0, "greedy 'think' tokens before the forced answer; 0 = answer directly", lo=0)
+    controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (random vector, same norms)")
+    controls_every_round: bool = knob(False, "evaluate the random-vector control every round, not only round 0")
+    coh_floor: float = knob(0.0, "stop the loop after a healed round whose coherence is below this", lo=0.0, hi=1.0)
+    heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1)
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls) -> str:
+        """Every knob, its default and meaning, one per line."""
+        out = []
+        for f in dataclasses.fields(cls):
+            d = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.append(f"{f.name} = {d!r}: {f.metadata['help']}")
+        return "\n".join(out)
+
+    def steered_layers(self, n_layers: int) -> list[int]:
+        """Layer indices to steer for a model with ``n_layers`` decoder blocks."""
+        if self.layers:
+            bad = [i for i in self.layers if not 0 <= i < n_layers]
+            if bad:
+                raise ConfigError(f"layers: {bad} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
+            return sorted(set(self.layers))
+        return depth_band(n_layers, self.layer_lo, self.layer_hi)
+
+
+def depth_band(n_layers: int, lo: float, hi: float) -> list[int]:
+    """Layers whose index falls in [lo, hi] of depth; at least one layer."""
+    first = int(round(lo * (n_layers - 1)))
+    last = int(round(hi * (n_layers - 1)))
+    return list(range(first, max(first, last) + 1))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: a random-init model, so the numbers are meaningless; the machinery is not.
+    "tiny": dict(
+        model="tiny:llama", n_contexts=8, batch_size=8, max_new_tokens=16, gen_batch_size=8,
+        n_keep=8, gen_budget=16, calib_probes=4, calib_steps=2, min_train=1,
+        max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
+        train_batch_size=4, max_seq_len=64, eval_max_rows=14, heldout_max_new_tokens=8,
+        controls=["prompted", "random"],
+    ),
+    # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15 minutes.
+    "default": dict(
+        model="smollm2-135m-instruct", n_contexts=64, max_new_tokens=64, gen_batch_size=32,
+        n_keep=48, gen_budget=128, calib_probes=16, calib_steps=4, epochs=3, lora_r=16,
+        lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
+    ),
+    # The paper scale on one GPU (brief section 1).
+    "gemma-3-4b": dict(
+        model="google/gemma-3-4b-it", n_contexts=256, max_new_tokens=256, gen_batch_size=256,
+        n_keep=256, gen_budget=768, calib_probes=64, calib_steps=6, epochs=2, lora_r=32,
+        lora_alpha=64.0, tau=2.0, batch_size=64, eval_layout="tinymfv", think_tokens=128,
+        heldout_max_new_tokens=128, controls_every_round=True,
+    ),
+}
+
+
+# ---------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Return value as type tp, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):  # comma-separated shorthand: --set layers=13,14
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+_HINTS: dict[str, Any] | None = None
+
+
+def _hints() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(Config)
+    return _HINTS
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = m.get("lo"), m.get("hi")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ConfigError(f"{f.name}: {value!r} is out of range {rng}")
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(Config)]
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else " See `steerheal config` for every key."
+    return ConfigError(f"unknown config key {key!r}.{hint}")
+
+
+def validate(values: dict[str, Any]) -> Config:
+    """Build a Config from a dict of key -> value, checking keys, types and ranges."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    hints = _hints()
+    clean = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise unknown_key_error(key)
+        v = _coerce(key, value, hints[key])
+        _check_value(fields[key], v)
+        clean[key] = v
+    cfg = Config(**clean)
+    if cfg.layer_lo > cfg.layer_hi:
+        raise ConfigError(f"layer_lo ({cfg.layer_lo}) must not exceed layer_hi ({cfg.layer_hi})")
+    if cfg.lora_layer_lo > cfg.lora_layer_hi:
+        raise ConfigError(f"lora_layer_lo ({cfg.lora_layer_lo}) must not exceed lora_layer_hi ({cfg.lora_layer_hi})")
+    if cfg.calib_lo <= 0 or cfg.calib_lo >= cfg.calib_hi:
+        raise ConfigError(f"calib_lo must be > 0 and below calib_hi (got {cfg.calib_lo}, {cfg.calib_hi})")
+    bad_controls = set(cfg.controls) - {"prompted", "random"}
+    if bad_controls:
+        raise ConfigError(f"controls: {sorted(bad_controls)} not among prompted, random")
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["dose=0.3", "layers=[3,4]"]`` -> ``{"dose": 0.3, "layers": [3, 4]}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def resolve(preset: str = "default", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Preset values, then overrides, validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return validate({**PRESETS[preset], **(overrides or {})})
+
+
+# ---------------------------------------------------------------- run folder
+def save_config(cfg: Config, path: Path, meta: dict[str, Any] | None = None) -> None:
+    """Write the resolved config (and provenance under ``_meta``) as YAML, atomically."""
+    from .runfolder import atomic_write_text
+
+    doc = cfg.to_dict()
+    if meta:
+        doc["_meta"] = meta
+    atomic_write_text(Path(path), yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+
+
+def load_config(path: Path) -> Config:
+    """Read a config.yaml written by :func:`save_config` (provenance is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no config at {path}: start the run with `steerheal run --run-dir {path.parent}`")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    doc.pop("_meta", None)
+    return validate(doc)
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Human-readable list of keys whose values differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k]]

@@ -1,0 +1,346 @@
+"""Stage 01: the steering vector, and adding it to a model.
+
+The vector of layer L is the mean decoder-block output at the assistant tag (the last
+prompt token) with the positive persona as system prompt, minus the same with the
+negative persona, over many neutral user messages: v_L = mean(h_pos) - mean(h_neg).
+The user message is the same for both, so v isolates the persona axis.
+
+Dose unit. :func:`steer` adds ``dose * r_L * v_L / ||v_L||`` at layer L, where ``r_L`` is
+the mean residual-stream norm of that layer measured during extraction (over every
+prompt position of the contexts). Dose 0.1 is thus a push of 10% of a typical hidden
+state's length along the axis, on any model, at any layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .models import get_layers, left_pad, model_device, persona_system, prompt_ids
+
+
+# ------------------------------------------------------------------ the value object
+@dataclass
+class SteeringVector:
+    """Per-layer steering directions plus what is needed to dose and trace them.
+
+    Attributes:
+        directions: layer index -> raw mean-difference vector v_L (float32, CPU).
+        resid_norms: layer index -> mean residual norm r_L (the dose unit).
+        meta: provenance (model, round, persona hash, number of contexts...).
+
+    Example:
+        >>> sv = SteeringVector.load("runs/x/round_00/vector.safetensors")  # doctest: +SKIP
+        >>> with steer(model, sv, dose=0.1):                                 # doctest: +SKIP
+        ...     out = model.generate(**batch)
+    """
+
+    directions: dict[int, torch.Tensor]
+    resid_norms: dict[int, float]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    def norms(self) -> dict[int, float]:
+        return {layer: float(v.norm()) for layer, v in self.directions.items()}
+
+    def added(self, layer: int, dose: float) -> torch.Tensor:
+        """The vector added at ``layer`` for ``dose`` (see the module docstring for the unit)."""
+        v = self.directions[layer]
+        return v * (dose * self.resid_norms[layer] / v.norm().clamp_min(1e-12))
+
+    def cosine(self, other: "SteeringVector") -> dict[int, float]:
+        """Per-layer cosine similarity with another vector (shared layers only)."""
+        return {layer: float(torch.nn.functional.cosine_similarity(self.directions[layer], other.directions[layer], dim=0))
+                for layer in self.layers if layer in other.directions}
+
+    def random_like(self, seed: int) -> "SteeringVector":
+        """A random direction per layer with the same norms: the generic-disruption control."""
+        g = torch.Generator().manual_seed(seed)
+        dirs = {}
+        for layer, v in self.directions.items():
+            r = torch.randn(v.shape, generator=g)
+            dirs[layer] = r * (v.norm() / r.norm())
+        return SteeringVector(dirs, dict(self.resid_norms), {**self.meta, "random_control_seed": seed})
+
+    def save(self, path: Path | str) -> None:
+        from safetensors.torch import save
+
+        from .runfolder import atomic_write_bytes
+
+        tensors = {f"layer.{layer}": v.contiguous().float().cpu() for layer, v in self.directions.items()}
+        meta = {k: json.dumps(v) for k, v in self.meta.items()}
+        meta["resid_norms"] = json.dumps({str(k): v for k, v in self.resid_norms.items()})
+        meta["layers"] = json.dumps(self.layers)
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path | str) -> "SteeringVector":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no steering vector at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta_raw = f.metadata() or {}
+                dirs = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable safetensors vector file: {e}") from None
+        norms = {int(k): float(v) for k, v in json.loads(meta_raw.pop("resid_norms", "{}")).items()}
+        meta_raw.pop("layers", None)
+        meta = {k: json.loads(v) for k, v in meta_raw.items()}
+        if set(norms) != set(dirs):
+            raise ValueError(f"{path}: residual norms missing for layers {sorted(set(dirs) - set(norms))}")
+        return cls(dirs, norms, meta)
+
+
+def persona_hash(pos: str, neg: str) -> str:
+    return hashlib.sha256(f"{pos}\x00{neg}".encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ contexts
+def load_contexts(n: int | None = None, seed: int = 0) -> list[dict]:
+    """The shipped neutral user messages; ``n`` of them, stratified over kinds by a seeded shuffle."""
+    path = Path(str(resources.files("steerheal_utils").joinpath("data", "contexts.jsonl")))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if n is None or n >= len(rows):
+        return rows
+    g = torch.Generator().manual_seed(seed)
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r)
+    shuffled = {k: [v[i] for i in torch.randperm(len(v), generator=g).tolist()] for k, v in sorted(by_kind.items())}
+    out = []
+    while len(out) < n:  # round-robin over kinds so every kind is represented
+        for k in shuffled:
+            if shuffled[k] and len(out) < n:
+                out.append(shuffled[k].pop())
+    return out
+
+
+# ------------------------------------------------------------------ reading hidden states
+@contextlib.contextmanager
+def capture_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the output hidden states of the given decoder blocks; hooks removed on exit."""
+    store: dict[int, torch.Tensor] = {}
+    blocks = get_layers(model)
+    handles = []
+
+    def make(i):
+        def hook(_mod, _inp, out):
+            store[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    try:
+        for i in layers:
+            handles.append(blocks[i].register_forward_hook(make(i)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def last_token_states(model: nn.Module, tok, prompts: Sequence[list[int]], layers: Sequence[int],
+                      batch_size: int = 16, progress: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Hidden state at the last prompt token for each layer, and the mean residual norm per layer.
+
+    Returns ``(states, resid_norms)``: ``states[L]`` is ``[n_prompts, d]`` float32 on CPU;
+    ``resid_norms[L]`` is the mean L2 norm over every real (non-pad) prompt position.
+    """
+    from tqdm.auto import tqdm
+
+    dev = model_device(model)
+    states = {layer: [] for layer in layers}
+    norm_sum = {layer: 0.0 for layer in layers}
+    n_pos = 0
+    order = list(range(len(prompts)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for b in tqdm(batches, desc="hidden states", disable=not progress, leave=False):
+        ids, mask, pos = left_pad([prompts[i] for i in b], tok.pad_token_id, dev)
+        with capture_layers(model, layers) as store:
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        m = mask.bool()
+        n_pos += int(m.sum())
+        for layer in layers:
+            h = store[layer].float()
+            states[layer].append(h[:, -1].cpu())  # left padding: the assistant tag is last in every row
+            norm_sum[layer] += float(h.norm(dim=-1)[m].sum())
+    out = {layer: torch.cat(v) for layer, v in states.items()}
+    return out, {layer: norm_sum[layer] / max(n_pos, 1) for layer in layers}
+
+
+def extract_vector(model: nn.Module, tok, user_messages: Sequence[str], pos_persona: str, neg_persona: str,
+                   layers: Sequence[int], batch_size: int = 16, meta: dict | None = None,
+                   progress: bool = False) -> tuple[SteeringVector, dict]:
+    """Mean-difference steering vector at the assistant tag.
+
+    Args:
+        model, tok: the (possibly adapter-baked) model and its tokenizer.
+        user_messages: neutral user turns, the same for both personas.
+        pos_persona, neg_persona: persona descriptions ("someone who ...").
+        layers: decoder block indices to read.
+
+    Returns:
+        ``(vector, details)`` where details holds per-context projections of pos and neg
+        states onto the unit vector (``proj_pos``/``proj_neg``: layer -> list) for plots.
+    """
+    pos_sys, neg_sys = persona_system(pos_persona), persona_system(neg_persona)
+    pos_ids = [prompt_ids(tok, u, pos_sys)[0] for u in user_messages]
+    neg_ids = [prompt_ids(tok, u, neg_sys)[0] for u in user_messages]
+    states, norms = last_token_states(model, tok, pos_ids + neg_ids, layers, batch_size, progress)
+    n = len(user_messages)
+    directions, proj_pos, proj_neg = {}, {}, {}
+    for layer in layers:
+        hp, hn = states[layer][:n], states[layer][n:]
+        v = hp.mean(0) - hn.mean(0)
+        directions[layer] = v
+        unit = v / v.norm().clamp_min(1e-12)
+        proj_pos[layer] = (hp @ unit).tolist()
+        proj_neg[layer] = (hn @ unit).tolist()
+    meta = {"n_contexts": n, "persona_hash": persona_hash(pos_persona, neg_persona),
+            "pos_persona": pos_persona, "neg_persona": neg_persona, **(meta or {})}
+    sv = SteeringVector(directions, norms, meta)
+    if not all(torch.isfinite(v).all() for v in directions.values()):
+        raise FloatingPointError("steering vector has NaN or inf entries: the model's hidden states are not finite")
+    return sv, {"proj_pos": proj_pos, "proj_neg": proj_neg}
+
+
+# ------------------------------------------------------------------ steering
+@contextlib.contextmanager
+def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, positions: str = "all",
+          halflife: int = 0, prompt_len: int | None = None) -> Iterator[None]:
+    """Add ``dose`` times the vector to the output of each of its layers, inside the block.
+
+    Args:
+        model: a causal LM (plain or peft-wrapped).
+        vector: the steering vector; ``None`` or ``dose == 0`` leaves the model untouched.
+        dose: in units of each layer's mean residual norm (module docstring).
+        positions: ``"all"`` adds at every position, prompt included; ``"generated"`` from the
+            assistant tag on (the last prompt position, where the vector was read, and every
+            generated token).
+        halflife: generated tokens over which the dose halves (0 = constant).
+        prompt_len: length of the (padded) prompt. Defaults to the length of the first forward
+            call, which is the prompt when used around ``generate`` with a KV cache.
+
+    The hooks are removed on exit, also when the body raises.
+    """
+    if vector is None or dose == 0:
+        yield
+        return
+    blocks = get_layers(model)
+    handles = []
+    state = {layer: 0 for layer in vector.layers}  # positions seen so far, per layer (KV-cached decoding)
+    plen = {"n": prompt_len}
+
+    def make(layer: int):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            seq = h.shape[1]
+            start = state[layer]
+            state[layer] += seq
+            if plen["n"] is None:
+                plen["n"] = seq
+            add = vector.added(layer, 1.0).to(h.device, h.dtype)
+            t = torch.arange(start, start + seq, device=h.device)
+            gen_pos = (t - (plen["n"] - 1)).clamp(min=0).to(torch.float32)  # 0 at the assistant tag
+            scale = torch.full((seq,), float(dose), device=h.device)
+            if positions == "generated":
+                scale = scale * (t >= plen["n"] - 1)
+            if halflife > 0:
+                scale = scale * torch.pow(0.5, gen_pos / halflife)
+            h2 = h + scale.to(h.dtype)[None, :, None] * add
+            return (h2, *out[1:]) if isinstance(out, tuple) else h2
+        return hook
+
+    if positions not in ("all", "generated"):
+        raise ValueError(f"positions must be 'all' or 'generated', got {positions!r}")
+    if not math.isfinite(dose):
+        raise ValueError(f"dose must be finite, got {dose}")
+    try:
+        for layer in vector.layers:
+            if layer >= len(blocks):
+                raise ValueError(f"vector has layer {layer} but the model has {len(blocks)} layers: wrong model?")
+            handles.append(blocks[layer].register_forward_hook(make(layer)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_vector_matches(vector: SteeringVector, model: nn.Module) -> None:
+    """Raise a clear error when a vector was made for another model (layers or width differ)."""
+    blocks = get_layers(model)
+    d = model.get_input_embeddings().weight.shape[1]
+    for layer, v in vector.directions.items():
+        if layer >= len(blocks):
+            raise ValueError(f"vector layer {layer} does not exist in this model ({len(blocks)} layers)")
+        if v.shape[-1] != d:
+            raise ValueError(f"vector width {v.shape[-1]} does not match the model's hidden size {d}")
+
+
+# ------------------------------------------------------------------ the stage
+def run_stage(ctx, model: nn.Module, tok) -> tuple[SteeringVector, dict]:
+    """01_vector: extract this round's vector from the current student and save it.
+
+    Writes ``round_NN/vector.safetensors`` (one tensor per steered layer; metadata: model,
+    layers, persona pair hash, round, number of contexts, residual norms).
+    """
+    from .models import n_layers
+
+    cfg = ctx.cfg
+    layers = cfg.steered_layers(n_layers(model))
+    contexts = load_contexts(cfg.n_contexts, seed=cfg.seed)
+    sv, details = extract_vector(model, tok, [c["text"] for c in contexts], cfg.pos_persona, cfg.neg_persona,
+                                 layers, batch_size=cfg.batch_size, progress=True,
+                                 meta={"model": cfg.model, "round": ctx.round, "layers": layers})
+    sv.save(ctx.path("vector.safetensors"))
+    details["contexts"] = [c["id"] for c in contexts]
+    if ctx.round > 0:
+        first = SteeringVector.load(ctx.run_dir / "round_00" / "vector.safetensors")
+        details["cosine_to_round0"] = sv.cosine(first)
+    return sv, details
+
+
+def separation(details: dict) -> dict[int, float]:
+    """Per layer: gap between mean pos and neg projections, in pooled standard deviations."""
+    out = {}
+    for layer, pp in details["proj_pos"].items():
+        p, n = torch.tensor(pp), torch.tensor(details["proj_neg"][layer])
+        sd = torch.cat([p - p.mean(), n - n.mean()]).std().clamp_min(1e-12)
+        out[layer] = float((p.mean() - n.mean()) / sd)
+    return out
+
+
+def figures(sv: SteeringVector, details: dict):
+    """Plotly figures for the notebook: per-layer norms, pos/neg separation, drift from round 0."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    layers = sv.layers
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("‖v_L‖ and mean residual norm r_L", "projections onto v_L (pos vs neg)"))
+    fig.add_bar(x=layers, y=[sv.norms()[i] for i in layers], name="‖v_L‖", row=1, col=1)
+    fig.add_scatter(x=layers, y=[sv.resid_norms[i] for i in layers], name="r_L", mode="lines+markers", row=1, col=1)
+    for layer in layers:
+        fig.add_trace(go.Box(y=details["proj_pos"][layer], name=f"L{layer} pos", marker_color="seagreen", showlegend=False), row=1, col=2)
+        fig.add_trace(go.Box(y=details["proj_neg"][layer], name=f"L{layer} neg", marker_color="firebrick", showlegend=False), row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(height=380, title=f"round {sv.meta.get('round', '?')}: steering vector")
+    figs = [fig]
+    if "cosine_to_round0" in details:
+        cos = details["cosine_to_round0"]
+        figs.append(go.Figure(go.Bar(x=list(cos), y=list(cos.values())),
+                              layout=dict(title="cosine to round 0's vector, per layer", yaxis=dict(range=[-1, 1]), height=300)))
+    return figs
