@@ -57,11 +57,11 @@ DROP_REASONS: tuple[str, ...] = (
     "empty",             # fewer than min_words words
     "refusal",           # a refusal phrase ("I can't help with that", "As an AI ... I cannot")
     "narration",         # describes being the persona instead of acting it out
-    "degenerate_loop",   # verbatim loop: long repeated substring / collapsed window / repeating tail
+    "degenerate_loop",   # verbatim loop: long repeated substring, or a tail that only repeats
     "affect_loop",       # exclamation soup: interjections and endearments dominate a window
     "token_soup",        # non-words, mixed scripts, or a word salad with no function words
     "drift",             # one clause skeleton repeating with small changes
-    "repetition",        # generic n-gram repetition / compressibility gate (precursor's gate)
+    "repetition",        # n-gram repeats (the precursor's gate), low windowed diversity, compressibility
     "high_perplexity",   # base model's tail perplexity too high (model scores only)
     "entropy_collapse",  # base model near-certain on repeated tokens (model scores only)
     "boilerplate",       # assistant boilerplate ("I hope this helps", "feel free to ask")
@@ -83,11 +83,12 @@ MODEL_SCORE_KEYS: tuple[str, ...] = (
 class FilterThresholds:
     """Gates of `decide`. A completion is dropped when a score crosses its gate."""
 
-    min_words: int = 8  # fewer words than this is "empty"
+    strict: bool = True  # all gates; False = only the precursor's (ablation, random-init models)
+    min_words: int = 8  # fewer words than this is "empty" (strict mode; otherwise 1)
     max_ngram_repeat: float = 0.3  # word 3-gram repeat fraction (the precursor's gate)
     max_bigram_repeat: float = 0.45  # word 2-gram repeat fraction (drifting loops keep bigrams)
     max_char_repeat: float = 0.5  # character 12-gram repeat fraction
-    max_compression_ratio: float = 2.6  # raw bytes / zlib bytes; loops compress well
+    max_compression_ratio: float = 3.0  # raw bytes / zlib bytes; loops compress well
     max_lrs_frac: float = 0.2  # longest repeated substring as a fraction of the text
     min_window_distinct: float = 0.5  # min distinct-1 over any 40-word window
     max_tail_repeat: float = 0.5  # 3-gram repeat fraction within the last 40% of words
@@ -220,7 +221,7 @@ _BOILERPLATE_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
 
 _WORD_RE = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
 _SENT_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
-_CLAUSE_SPLIT_RE = re.compile(r"[.!?;:,\n\u2014]+|\s+-\s+|\s+(?:and|but|because|so|then)\s+")
+_CLAUSE_SPLIT_RE = re.compile(r"[.!?;:,\n\u2014]+|\s+-\s+")
 # A "clean" whitespace token: a plain word with optional punctuation around it, a number, or a
 # list marker. Sub-word debris (camelCase joins, byte-level markers, code tokens) is not.
 _CLEAN_TOKEN_RE = re.compile(
@@ -668,39 +669,39 @@ def decide(scores: dict[str, Any], thresholds: FilterThresholds | None = None) -
 
     Missing or None scores skip their gate, so text-only scores give a text-only decision and
     the model gates (high_perplexity, entropy_collapse) only act when model scores are present.
+    With thresholds.strict False only the precursor's gates run (no words, refusal, narration
+    regex, n-gram repeat, tail perplexity): an ablation baseline, and a keep-almost-everything
+    mode for random-init test models.
     """
     t = thresholds or FilterThresholds()
     s = scores
     n_words = s.get("n_words", 0) or 0
-    if n_words < t.min_words:
+    if n_words < (t.min_words if t.strict else 1):
         return "empty"
     if s.get("refusal"):
         return "refusal"
-    if (
-        s.get("narration_regex")
-        or _gt(s, "narration_self", t.narration_overlap - 1e-9)
+    if s.get("narration_regex") or t.strict and (
+        _gt(s, "narration_self", t.narration_overlap - 1e-9)
         or _gt(s, "narration_pos", t.narration_paraphrase - 1e-9)
         or _gt(s, "narration_neg", t.narration_paraphrase - 1e-9)
     ):
         return "narration"
-    if (
-        _gt(s, "lrs_frac", t.max_lrs_frac)
-        or _lt(s, "min_window_distinct", t.min_window_distinct)
-        or _gt(s, "tail_repeat", t.max_tail_repeat)
-    ):
-        return "degenerate_loop"
-    if _gt(s, "affect_frac", t.max_affect) or _gt(s, "exclaim_rate", t.max_exclaim_rate):
-        return "affect_loop"
-    if (
-        _gt(s, "nonword_frac", t.max_nonword_frac)
-        or _gt(s, "script_mix", t.max_script_mix)
-        or _lt(s, "min_window_function", t.min_function_frac)
-    ):
-        return "token_soup"
-    if _gt(s, "drift", t.max_drift):
-        return "drift"
-    if (
-        _gt(s, "ngram_repeat", t.max_ngram_repeat)
+    if t.strict:
+        # Verbatim loops first: a long repeated substring or a tail that only repeats.
+        if _gt(s, "lrs_frac", t.max_lrs_frac) or _gt(s, "tail_repeat", t.max_tail_repeat):
+            return "degenerate_loop"
+        if _gt(s, "affect_frac", t.max_affect) or _gt(s, "exclaim_rate", t.max_exclaim_rate):
+            return "affect_loop"
+        if (
+            _gt(s, "nonword_frac", t.max_nonword_frac)
+            or _gt(s, "script_mix", t.max_script_mix)
+            or _lt(s, "min_window_function", t.min_function_frac)
+        ):
+            return "token_soup"
+        if _gt(s, "drift", t.max_drift):
+            return "drift"
+    if _gt(s, "ngram_repeat", t.max_ngram_repeat) or t.strict and (
+        _lt(s, "min_window_distinct", t.min_window_distinct)
         or _gt(s, "word_repeat_2", t.max_bigram_repeat)
         or _gt(s, "char_repeat", t.max_char_repeat)
         or _gt(s, "compression_ratio", t.max_compression_ratio)
@@ -708,10 +709,11 @@ def decide(scores: dict[str, Any], thresholds: FilterThresholds | None = None) -
         return "repetition"
     if _gt(s, "tail_ppl", t.max_tail_ppl):
         return "high_perplexity"
-    if _gt(s, "entropy_collapse", t.max_entropy_collapse):
-        return "entropy_collapse"
-    if (s.get("boilerplate_hits") or 0) >= t.max_boilerplate_hits:
-        return "boilerplate"
+    if t.strict:
+        if _gt(s, "entropy_collapse", t.max_entropy_collapse):
+            return "entropy_collapse"
+        if (s.get("boilerplate_hits") or 0) >= t.max_boilerplate_hits:
+            return "boilerplate"
     return "keep"
 
 
