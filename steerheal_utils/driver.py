@@ -149,7 +149,7 @@ def run_stage(run_dir: Path, rnd: int, stage: str, kernel: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(str(src), str(out), parameters={"run_dir": str(run_dir.resolve()), "round": rnd},
-                            kernel_name=kernel, progress_bar=False, log_output=False, cwd=str(REPO_ROOT))
+                            kernel_name=kernel, language="python", progress_bar=False, log_output=False, cwd=str(REPO_ROOT))
     except pm.PapermillExecutionError as e:
         evalue = str(e.evalue).strip().splitlines()
         raise LoopError(f"round {rnd:02d} {stage} failed: {e.ename}: {' '.join(evalue)[:2000]}\n"

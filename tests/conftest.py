@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random-init models of real architectures around a real tokenizer."""
+
+import os
+import sys
+
+import pytest
+
+# Keep test runs hermetic: no hub access, and a cache that tests may write to.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from steerheal_utils.models import tiny_model
+
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    from steerheal_utils.models import tiny_model
+
+    return tiny_model("gemma3", seed=0)
+
+
+@pytest.fixture(params=["llama", "gemma3"])
+def tiny(request, tiny_llama, tiny_gemma3):
+    """Both architectures, one test each."""
+    return {"llama": tiny_llama, "gemma3": tiny_gemma3}[request.param]
+
+
+@pytest.fixture
+def python_exe():
+    return sys.executable

@@ -1,0 +1,62 @@
+import dataclasses
+
+import pytest
+
+from steerheal_utils import config as C
+
+
+def test_every_knob_has_a_meaning():
+    for f in dataclasses.fields(C.Config):
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+@pytest.mark.parametrize("preset", list(C.PRESETS))
+def test_presets_resolve(preset):
+    cfg = C.resolve(preset)
+    assert isinstance(cfg, C.Config)
+
+
+def test_override_parsing_and_types():
+    cfg = C.resolve("tiny", ["dose=0.3", "layers=[1,2]", "controls=prompted", "epochs=2", "dose_halflife=8"])
+    assert cfg.dose == 0.3 and cfg.layers == [1, 2] and cfg.controls == ["prompted"] and cfg.epochs == 2
+    assert C.resolve("tiny", ["dose=null"]).dose is None
+    assert C.resolve("tiny", {"lr": 1}).lr == 1.0  # an int is a fine float
+
+
+@pytest.mark.parametrize("item, words", [
+    ("dosee=0.3", ["unknown config key 'dosee'", "dose"]),
+    ("epochs=two", ["epochs", "integer"]),
+    ("epochs=0", ["epochs", "out of range"]),
+    ("kl_agg=median", ["kl_agg", "mean", "rmse", "p95", "max"]),
+    ("top_p=1.5", ["top_p", "out of range"]),
+    ("trust_remote_code=maybe", ["trust_remote_code", "true or false"]),
+    ("layer_lo=0.9", ["layer_lo", "layer_hi"]),
+    ("controls=[prompted,steered]", ["controls", "steered"]),
+    ("noequals", ["key=value"]),
+])
+def test_bad_values_name_the_key(item, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve("tiny", [item])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(C.ConfigError, match="tiny"):
+        C.resolve("huge")
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = C.resolve("tiny", ["seed=7", "layers=[1]"])
+    C.save_config(cfg, tmp_path / "config.yaml", {"git_commit": "abc"})
+    assert C.load_config(tmp_path / "config.yaml") == cfg
+    assert "_meta" in (tmp_path / "config.yaml").read_text()
+    assert C.config_diff(cfg, C.resolve("tiny", ["seed=8", "layers=[1]"])) == ["seed: 7 -> 8"]
+
+
+def test_depth_band():
+    assert C.depth_band(34, 0.45, 0.55) == [15, 16, 17, 18]
+    assert C.depth_band(4, 0.5, 0.5) == [2]
+    assert C.resolve("tiny", ["layers=[3,1,3]"]).steered_layers(4) == [1, 3]
+    with pytest.raises(C.ConfigError, match="out of range"):
+        C.resolve("tiny", ["layers=[9]"]).steered_layers(4)
