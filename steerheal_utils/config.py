@@ -77,10 +77,29 @@ class Config:
     calib_hi: float = knob(1.0, "dose search upper bound", lo=0.0)
     calib_steps: int = knob(5, "bisection steps in log-dose", lo=0)
 
-    # --- 03 filter (thresholds; see steerheal_utils.filter) ---
+    # --- 03 filter (thresholds; names = filter.FilterThresholds fields, read by FilterThresholds.from_config) ---
+    strict: bool = knob(True, "filter: every gate; false = only the precursor's gates (ablation; random-init models)")
+    min_words: int = knob(8, "filter: fewer words is 'empty' (strict mode)", lo=0)
     max_tail_ppl: float = knob(50.0, "drop if perplexity under base of the last tail_frac of tokens exceeds this", lo=1.0)
     tail_frac: float = knob(0.25, "fraction of completion tokens that counts as the tail", lo=0.0, hi=1.0)
-    max_ngram_repeat: float = knob(0.3, "drop if the repeated word n-gram fraction exceeds this", lo=0.0, hi=1.0)
+    max_ngram_repeat: float = knob(0.3, "drop if the repeated word 3/4-gram fraction exceeds this", lo=0.0, hi=1.0)
+    max_bigram_repeat: float = knob(0.45, "filter: repeated word 2-gram fraction gate", lo=0.0, hi=1.0)
+    max_char_repeat: float = knob(0.5, "filter: repeated character 12-gram fraction gate", lo=0.0, hi=1.0)
+    max_compression_ratio: float = knob(3.0, "filter: raw / zlib bytes gate (loops compress well)", lo=0.0)
+    max_lrs_frac: float = knob(0.2, "filter: longest repeated substring as a fraction of the text", lo=0.0, hi=1.0)
+    min_window_distinct: float = knob(0.5, "filter: min distinct-word fraction over any 40-word window", lo=0.0, hi=1.0)
+    max_tail_repeat: float = knob(0.5, "filter: 3-gram repeat fraction within the last 40% of words", lo=0.0, hi=1.0)
+    max_affect: float = knob(0.22, "filter: max fraction of affect words (oh, darling, please...) in a window", lo=0.0, hi=1.0)
+    max_exclaim_rate: float = knob(0.12, "filter: exclamation marks per word", lo=0.0)
+    max_nonword_frac: float = knob(0.2, "filter: fraction of whitespace tokens that are not clean words", lo=0.0, hi=1.0)
+    max_script_mix: float = knob(0.05, "filter: fraction of letters outside the dominant script", lo=0.0, hi=1.0)
+    min_function_frac: float = knob(0.18, "filter: min fraction of function words in any 40-word window", lo=0.0, hi=1.0)
+    max_drift: float = knob(0.5, "filter: fraction of clauses whose skeleton matches an earlier one", lo=0.0, hi=1.0)
+    narration_overlap: float = knob(0.6, "filter: persona word overlap of a self-describing sentence that counts as narration", lo=0.0, hi=1.0)
+    narration_paraphrase: float = knob(0.8, "filter: persona word overlap of any sentence that counts as narration", lo=0.0, hi=1.0)
+    max_boilerplate_hits: int = knob(2, "filter: this many assistant-boilerplate phrases or more is 'boilerplate'", lo=1)
+    max_entropy_collapse: float = knob(0.3, "filter: fraction of positions where base is near-certain on a repeated 3-gram", lo=0.0, hi=1.0)
+    entropy_floor: float = knob(0.5, "filter: base-model entropy (nats) under which it counts as certain", lo=0.0)
     min_train: int = knob(8, "stop the round if fewer completions are kept", lo=1)
 
     # --- 04 heal ---
@@ -109,6 +128,8 @@ class Config:
     train_batch_size: int = knob(8, "heal batch size", lo=1)
     grad_clip: float = knob(1.0, "gradient norm clip; 0 = off", lo=0.0)
     max_seq_len: int = knob(512, "prompt + completion tokens kept for training", lo=8)
+    kl_chunk: int = knob(1024, "completion positions per full-vocabulary float32 log-softmax chunk (memory vs speed)", lo=1)
+    q1_prompts: int = knob(16, "prompts for Q1: the healed model's own greedy and sampled answers vs the steered ones", lo=0)
 
     # --- 05 eval ---
     vignettes: str = knob("", "vignette JSONL (tiny-mfv schema); empty = the shipped classic set")
@@ -119,6 +140,7 @@ class Config:
     controls_every_round: bool = knob(False, "evaluate the random-vector control every round, not only round 0")
     coh_floor: float = knob(0.0, "stop the loop after a healed round whose coherence is below this", lo=0.0, hi=1.0)
     heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1)
+    probe_max_items: int = knob(0, "on-axis probe items used (the first N); 0 = all", lo=0)
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
@@ -155,9 +177,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         model="tiny:llama", n_contexts=8, batch_size=8, max_new_tokens=16, gen_batch_size=8,
         n_keep=8, gen_budget=16, calib_probes=4, calib_steps=2, min_train=1,
-        max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
+        strict=False, max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
         train_batch_size=4, max_seq_len=64, eval_max_rows=14, heldout_max_new_tokens=8,
-        controls=["prompted", "random"],
+        controls=["prompted", "random"], probe_max_items=8,
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15 minutes.
     "default": dict(

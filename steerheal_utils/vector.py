@@ -237,6 +237,10 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
 
     The hooks are removed on exit, also when the body raises.
     """
+    if positions not in ("all", "generated"):
+        raise ValueError(f"positions must be 'all' or 'generated', got {positions!r}")
+    if not math.isfinite(dose):
+        raise ValueError(f"dose must be finite, got {dose}")
     if vector is None or dose == 0:
         yield
         return
@@ -265,10 +269,6 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
             return (h2, *out[1:]) if isinstance(out, tuple) else h2
         return hook
 
-    if positions not in ("all", "generated"):
-        raise ValueError(f"positions must be 'all' or 'generated', got {positions!r}")
-    if not math.isfinite(dose):
-        raise ValueError(f"dose must be finite, got {dose}")
     try:
         for layer in vector.layers:
             if layer >= len(blocks):
