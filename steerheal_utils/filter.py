@@ -816,3 +816,208 @@ def format_report(report: dict[str, Any]) -> str:
         reasons = ", ".join(f"{k}:{v}" for k, v in sorted(d["reasons"].items(), key=lambda kv: -kv[1]))
         lines.append(f"{label:<30}{d['n']:>4}{d['dropped']:>6}{d['drop_rate']:>7.2f}  {reasons}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the 03_filter stage: score a round's completions on the base model, write them back
+# --------------------------------------------------------------------------------------------
+
+# (score key, FilterThresholds field, "max" = drop above / "min" = drop below, log-scale axis)
+GATES: tuple[tuple[str, str, str, bool], ...] = (
+    ("tail_ppl", "max_tail_ppl", "max", True),
+    ("ngram_repeat", "max_ngram_repeat", "max", False),
+    ("word_repeat_2", "max_bigram_repeat", "max", False),
+    ("lrs_frac", "max_lrs_frac", "max", False),
+    ("tail_repeat", "max_tail_repeat", "max", False),
+    ("min_window_distinct", "min_window_distinct", "min", False),
+    ("compression_ratio", "max_compression_ratio", "max", False),
+    ("affect_frac", "max_affect", "max", False),
+    ("nonword_frac", "max_nonword_frac", "max", False),
+    ("min_window_function", "min_function_frac", "min", False),
+    ("drift", "max_drift", "max", False),
+    ("entropy_collapse", "max_entropy_collapse", "max", False),
+)
+
+
+class TooFewKept(RuntimeError):
+    """Fewer kept completions than ``min_train``: the round stops (message has counts per reason)."""
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """NaN/inf -> None, recursively, so summaries are strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def labelled_rows() -> list[dict[str, Any]]:
+    """The shipped hand-labelled completions (id, prompt, completion, label, expect)."""
+    import json
+    from importlib import resources
+    from pathlib import Path
+
+    path = Path(str(resources.files("steerheal_utils").joinpath("data", "filter_labelled.jsonl")))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def reason_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Counts per reason, "keep" first, then in DROP_REASONS order (zeros left out)."""
+    c = Counter(r["reason"] for r in rows)
+    return {k: c[k] for k in ("keep", *DROP_REASONS, *sorted(set(c) - {"keep", *DROP_REASONS})) if c.get(k)}
+
+
+def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """03_filter: score every completion of the round, decide keep/drop, write them back.
+
+    Args:
+        ctx: the stage context (thresholds come from ``ctx.cfg``, same names as FilterThresholds).
+        model: the BASE model, no adapters and no steering hooks: perplexity is measured against
+            what the untouched model finds natural.
+        tok: its tokenizer.
+
+    Rewrites ``completions.jsonl`` with every score, ``reason`` and ``keep`` added (the rows
+    with ``keep`` true are what 04_heal trains on) and writes ``filter.json``: counts per
+    reason, the thresholds, and precision/recall of the same filter on the shipped labelled
+    set. Call :func:`require_min_train` afterwards to stop a round with too few rows kept.
+    """
+    import time
+
+    from .models import render_prompt
+    from .runfolder import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+    cfg = ctx.cfg
+    t0 = time.time()
+    th = FilterThresholds.from_config(cfg)
+    rows = read_jsonl(ctx.path("completions.jsonl"), "completions (run 02_generate first)")
+    if not rows:
+        raise TooFewKept(f"{ctx.path('completions.jsonl')} has no rows: 02_generate produced nothing")
+    kw = dict(persona_pos=cfg.pos_persona, persona_neg=cfg.neg_persona, batch_size=cfg.batch_size)
+    scored = filter_rows(rows, th, model=model, tokenizer=tok, prompts=[r["prompt_text"] for r in rows], **kw)
+    atomic_write_jsonl(ctx.path("completions.jsonl"), scored)
+    t1 = time.time()
+    lab = labelled_rows()
+    lab_scored = filter_rows(lab, th, model=model, tokenizer=tok,
+                             prompts=[render_prompt(tok, r["prompt"]) for r in lab], **kw)
+    summary = _finite_or_none({
+        "round": ctx.round, "n": len(scored), "n_kept": sum(r["keep"] for r in scored),
+        "reasons": reason_counts(scored), "min_train": cfg.min_train, "thresholds": dataclasses.asdict(th),
+        "labelled": precision_recall(lab_scored),
+        "seconds": {"completions": round(t1 - t0, 2), "labelled": round(time.time() - t1, 2)},
+    })
+    atomic_write_json(ctx.path("filter.json"), summary)
+    return scored, {**summary, "labelled_rows": lab_scored}
+
+
+def require_min_train(summary: dict[str, Any]) -> None:
+    """Raise :class:`TooFewKept` (counts per reason in the message) when fewer than ``min_train`` were kept."""
+    if summary["n_kept"] < summary["min_train"]:
+        counts = ", ".join(f"{k}: {v}" for k, v in summary["reasons"].items())
+        raise TooFewKept(
+            f"round {summary['round']}: the filter kept {summary['n_kept']} of {summary['n']} completions, fewer "
+            f"than min_train={summary['min_train']} ({counts}). Lower the dose (calib_target up or calib_hi down), "
+            f"loosen the thresholds that fire most, or raise gen_budget.")
+
+
+def _clip(text: str, n: int = 320) -> str:
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
+def figures(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> list[Any]:
+    """Plotly figures for 03: counts per reason, score histograms with their gates, example tables,
+    and precision/recall on the labelled set."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figs = []
+    counts = summary["reasons"]
+    figs.append(go.Figure(go.Bar(x=list(counts), y=list(counts.values()),
+                                 marker_color=["seagreen" if k == "keep" else "firebrick" for k in counts]),
+                          layout=dict(title=f"round {summary['round']}: {summary['n_kept']} of {summary['n']} kept "
+                                            f"(min_train {summary['min_train']})", height=320)))
+    th = summary["thresholds"]
+    gates = [g for g in GATES if any(r.get(g[0]) is not None for r in rows)]
+    ncol = 4
+    nrow = max(1, math.ceil(len(gates) / ncol))
+    fig = make_subplots(rows=nrow, cols=ncol, subplot_titles=[f"{k} ({side} {th[f]:g})" for k, f, side, _ in gates])
+    for j, (key, fld, _side, log) in enumerate(gates):
+        r_, c_ = j // ncol + 1, j % ncol + 1
+        for keep, color in ((True, "seagreen"), (False, "firebrick")):
+            xs = [r[key] for r in rows if r["keep"] == keep and r.get(key) is not None]
+            if log:
+                xs = [math.log10(max(x, 1e-12)) for x in xs]
+            fig.add_histogram(x=xs, marker_color=color, opacity=0.6, name="kept" if keep else "dropped",
+                              legendgroup=str(keep), showlegend=j == 0, row=r_, col=c_)
+        gate = math.log10(th[fld]) if log else th[fld]
+        fig.add_vline(x=gate, line_dash="dash", line_color="black", row=r_, col=c_)
+    fig.update_layout(barmode="overlay", height=230 * nrow, title="scores, kept vs dropped; dashed = gate "
+                      "(tail_ppl on a log10 axis)")
+    figs.append(fig)
+
+    def table(sel: list[dict[str, Any]], title: str) -> Any:
+        cols = ["id", "reason", "tail_ppl", "ngram_repeat", "prompt", "completion"]
+        vals = [[r.get("id", ""), r["reason"], f"{r['tail_ppl']:.3g}" if r.get("tail_ppl") is not None else "-",
+                 f"{r.get('ngram_repeat', 0):.2f}", _clip(r.get("prompt", ""), 120), _clip(r["completion"])]
+                for r in sel]
+        return go.Figure(go.Table(columnwidth=[60, 80, 50, 50, 200, 460], header=dict(values=cols),
+                                  cells=dict(values=list(zip(*vals)) if vals else [[] for _ in cols], align="left")),
+                         layout=dict(title=title, height=120 + 110 * max(1, len(sel))))
+
+    kept = [r for r in rows if r["keep"]][:6]
+    dropped, seen = [], Counter()
+    for r in rows:  # up to two examples of each drop reason
+        if not r["keep"] and seen[r["reason"]] < 2:
+            dropped.append(r)
+            seen[r["reason"]] += 1
+    figs.append(table(kept, f"kept examples ({len(kept)} of {summary['n_kept']})"))
+    figs.append(table(dropped, "dropped examples (up to two per reason)"))
+    lab = summary.get("labelled")
+    if lab:
+        per = lab["per_label"]
+        labels = sorted(per)
+        figs.append(go.Figure(go.Bar(x=labels, y=[per[k]["drop_rate"] for k in labels]),
+                              layout=dict(title=f"labelled set: keep precision {lab['precision'] or float('nan'):.2f}, "
+                                                f"keep recall {lab['recall'] or float('nan'):.2f}, degenerate recall "
+                                                f"{lab['degenerate_recall'] or float('nan'):.2f}; drop rate per label",
+                                          yaxis=dict(range=[0, 1.05]), height=340)))
+    return figs
+
+
+def browser(rows: Sequence[dict[str, Any]]) -> Any:
+    """JupyterLab: browse rows by reason, one at a time, with every score. ``None`` without ipywidgets."""
+    try:
+        import ipywidgets as W
+    except ImportError:
+        return None
+    import html
+
+    rows = list(rows)
+    reasons = ["all", *reason_counts(rows)]
+    pick = W.Dropdown(options=reasons, description="reason")
+    idx = W.IntSlider(min=0, max=max(0, len(rows) - 1), description="row")
+    view = W.HTML()
+
+    def sel() -> list[dict[str, Any]]:
+        return rows if pick.value == "all" else [r for r in rows if r["reason"] == pick.value]
+
+    def show(_=None) -> None:
+        s = sel()
+        idx.max = max(0, len(s) - 1)
+        if not s:
+            view.value = "<i>no rows</i>"
+            return
+        r = s[min(idx.value, len(s) - 1)]
+        scores = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}"
+                           for k, *_ in GATES if k in r)
+        view.value = (f"<b>{html.escape(str(r.get('id', '')))}</b> &middot; <b>{html.escape(r['reason'])}</b>"
+                      f"<br><i>{html.escape(r.get('prompt', ''))}</i>"
+                      f"<div style='white-space:pre-wrap;margin:6px 0'>{html.escape(r['completion'])}</div>"
+                      f"<small>{html.escape(scores)}</small>")
+
+    pick.observe(lambda _: (setattr(idx, "value", 0), show()), names="value")
+    idx.observe(show, names="value")
+    show()
+    return W.VBox([W.HBox([pick, idx]), view])
