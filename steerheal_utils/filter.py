@@ -882,7 +882,8 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
     Rewrites ``completions.jsonl`` with every score, ``reason`` and ``keep`` added (the rows
     with ``keep`` true are what 04_heal trains on) and writes ``filter.json``: counts per
     reason, the thresholds, and precision/recall of the same filter on the shipped labelled
-    set. Call :func:`require_min_train` afterwards to stop a round with too few rows kept.
+    set (NaN written as null). Returns ``(scored rows, summary + "labelled_rows")``. Call
+    :func:`require_min_train` afterwards to stop a round with too few rows kept.
     """
     import time
 
@@ -902,13 +903,13 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
     lab = labelled_rows()
     lab_scored = filter_rows(lab, th, model=model, tokenizer=tok,
                              prompts=[render_prompt(tok, r["prompt"]) for r in lab], **kw)
-    summary = _finite_or_none({
+    pr = precision_recall(lab_scored)
+    summary = {
         "round": ctx.round, "n": len(scored), "n_kept": sum(r["keep"] for r in scored),
         "reasons": reason_counts(scored), "min_train": cfg.min_train, "thresholds": dataclasses.asdict(th),
-        "labelled": precision_recall(lab_scored),
-        "seconds": {"completions": round(t1 - t0, 2), "labelled": round(time.time() - t1, 2)},
-    })
-    atomic_write_json(ctx.path("filter.json"), summary)
+        "labelled": pr, "seconds": {"completions": round(t1 - t0, 2), "labelled": round(time.time() - t1, 2)},
+    }
+    atomic_write_json(ctx.path("filter.json"), _finite_or_none(summary))
     return scored, {**summary, "labelled_rows": lab_scored}
 
 

@@ -170,7 +170,9 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
     from steerheal_utils.runfolder import read_json, read_jsonl
 
     model, tok = tiny_llama
-    ctx = stage.open_stage("02_generate", {"run_dir": str(tmp_path / "run"), "round": 0, "preset": "tiny"})
+    ctx = stage.open_stage("02_generate", {"run_dir": str(tmp_path / "run"), "round": 0, "preset": "tiny",
+                                           "calib_probes": 3, "calib_steps": 1, "n_keep": 4, "gen_budget": 6,
+                                           "max_new_tokens": 8})
     summary = G.run_stage(ctx, model, tok, sv=_sv(model))
     rows = read_jsonl(ctx.path("completions.jsonl"))
     assert summary == read_json(ctx.path("generate.json"))
