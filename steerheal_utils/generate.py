@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .models import length_sorted_batches, left_pad, model_device, prompt_ids
+from .models import length_sorted_batches, left_pad, model_device, prompt_ids, render_prompt
 from .vector import SteeringVector, steer
 
 # A completions.jsonl row as 02 writes it; 03 adds every filter score, "reason" and "keep".
@@ -115,6 +115,7 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
     if not math.isfinite(dose):
         raise ValueError(f"dose must be finite, got {dose}")
     seqs = [list(p) if not isinstance(p, str) else prompt_ids(tok, p)[0] for p in prompts]
+    texts = [render_prompt(tok, p) if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts]
     eos = _eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     dev = model_device(model)
@@ -143,7 +144,7 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         for r, i in enumerate(idx):
             n = int(first[r])
             cids = new[r, :n].tolist()
-            out[i] = {"prompt_index": i, "prompt_text": tok.decode(seqs[i], skip_special_tokens=False),
+            out[i] = {"prompt_index": i, "prompt_text": texts[i],
                       "completion": tok.decode(cids, skip_special_tokens=True).strip(), "completion_ids": cids,
                       "n_tokens": n, "truncated": not bool(has_eos[r]), "seed": seed + b, "dose": float(dose),
                       "positions": positions, "halflife": halflife}

@@ -194,6 +194,24 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
     assert first != [p["id"] for p in G.load_prompts("dilemmas")[: ctx.cfg.calib_probes]]
 
 
+    # 03 on the same rows: every score, one reason, written back; too few kept stops the round
+    from steerheal_utils import filter as F
+
+    ctx3 = stage.open_stage("03_filter", {"run_dir": str(tmp_path / "run"), "round": 0})
+    scored, fsum = F.run_stage(ctx3, model, tok)
+    back = read_jsonl(ctx.path("completions.jsonl"))
+    assert [r["id"] for r in back] == [r["id"] for r in rows]
+    for r in back:
+        assert r["reason"] in ("keep", *F.DROP_REASONS) and r["keep"] == (r["reason"] == "keep")
+        assert r["tail_ppl"] is not None and "ngram_repeat" in r and "entropy_collapse" in r
+    saved = read_json(ctx.path("filter.json"))
+    assert saved["n"] == len(rows) and sum(saved["reasons"].values()) == len(rows)
+    assert saved["labelled"]["n"] == len(F.labelled_rows())
+    F.require_min_train(fsum)  # the tiny preset keeps enough
+    with pytest.raises(F.TooFewKept, match=r"kept \d+ of \d+ .*min_train=1000 \(keep: \d+"):
+        F.require_min_train({**fsum, "min_train": 1000})
+
+
 def test_held_out_prompts_are_not_in_the_pool():
     pool, held = G.load_prompts("dilemmas"), G.load_prompts("heldout")
     assert len(pool) >= 32 and len(held) >= 8
