@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run or resume the loop")
     r.add_argument("--preset", default="default", choices=list(C.PRESETS))
-    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--rounds", type=int, default=3, help="rounds in total (1..100); more than before continues a run")
     r.add_argument("--run-dir", required=True)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--override-config", action="store_true", help="continue an existing run with a changed config")
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Known failures print one clear message (no stack trace) and return:
+    2 config or usage error, 1 a failed stage / model / run folder / NaN / disk error, 130 interrupted.
+    Anything else is a bug and keeps its stack trace."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -73,15 +76,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: re-run the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # known failure kinds get one clear line, not a stack trace
-        from .driver import LoopError
-        from .models import ModelLoadError
-        from .runfolder import RunFolderError
+    except Exception as e:  # known failure kinds get one clear message, not a stack trace
+        msg = explain(e)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 1
 
-        if isinstance(e, (LoopError, ModelLoadError, RunFolderError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+
+def explain(e: BaseException) -> str | None:
+    """The message for a known failure kind, or None for an unexpected one (a bug)."""
+    import errno
+
+    from .driver import LoopError
+    from .embedded import EmbeddedModelError
+    from .models import ModelLoadError
+    from .runfolder import RunFolderError
+
+    if isinstance(e, LoopError):
+        return f"error: {e}"
+    if isinstance(e, (ModelLoadError, EmbeddedModelError)):
+        return f"model error: {e}"
+    if isinstance(e, RunFolderError):
+        return f"run folder error: {e}"
+    if isinstance(e, FloatingPointError):
+        return f"numerical error (NaN or inf): {e}"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        return (f"disk full{where}: {e.strerror or e}. Nothing half-written was kept; free space and re-run "
+                "the same command to resume.")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+        return f"file error: {e}"
+    return None
 
 
 if __name__ == "__main__":

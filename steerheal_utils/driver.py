@@ -8,6 +8,12 @@
   re-running the same command skips finished stages and resumes at the first unfinished one.
 - A different config for an existing run folder is refused unless ``--override-config``.
 - The notebooks run in a kernel that is this very Python interpreter.
+
+Failure model: a stage's artifacts are written atomically by the stage, and its marker
+only after its notebook succeeded, so a run killed at any point (even SIGKILL) resumes at
+the interrupted stage. One driver per run folder (a lock); leftovers of interrupted
+writes are removed on start; re-running a stage un-marks everything downstream of it.
+The model is checked before the first stage, so a typo costs seconds, not a kernel start.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from pathlib import Path
 
 from . import __version__
 from . import config as C
-from .runfolder import STAGES, atomic_write_json, is_done, mark_done, round_dir
+from .runfolder import (STAGES, RunFolderError, atomic_write_json, clean_temp_files, invalidate_after, is_done,
+                        mark_done, read_json, round_dir, run_lock)
+
+MAX_ROUNDS = 100  # round folders are round_00 .. round_99
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +100,9 @@ def kernel_name() -> str:
     spec = base / "kernels" / name / "kernel.json"
     want = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": f"steerheal ({sys.executable})", "language": "python",
-            "env": {"PYTHONUNBUFFERED": "1"}}
+            # A fixed hash seed: set and dict-of-str iteration orders are then the same in
+            # every kernel, so a resumed run repeats exactly what an uninterrupted one does.
+            "env": {"PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": "0"}}
     if not spec.exists() or json.loads(spec.read_text()) != want:
         atomic_write_json(spec, want)
     paths = os.environ.get("JUPYTER_PATH", "")
@@ -140,10 +151,34 @@ def _fmt(s: float) -> str:
 
 
 # ------------------------------------------------------------------ the loop
+_HINTS = {  # what a stage's exception usually means, for the one-line summary
+    "ConfigError": "a config value the stage cannot use",
+    "ModelLoadError": "the model could not be loaded",
+    "EmbeddedModelError": "the embedded model could not be prepared",
+    "RunFolderError": "an artifact of an earlier stage or round is missing or corrupted",
+    "FloatingPointError": "NaN or inf appeared (see README, 'When things go wrong')",
+    "TooFewKept": "filter starvation: the filter kept fewer than min_train completions",
+    "CalibrationError": "filter starvation: no dose tried kept enough completions",
+    "DeadKernelError": "the notebook's kernel died (killed, or out of memory?)",
+}
+
+
+def _failure(rnd: int, stage: str, out: Path, ename: str, evalue: str, cell=None) -> str:
+    lines = " ".join(str(evalue).strip().splitlines())[:2000]
+    hint = _HINTS.get(ename)
+    if "No space left on device" in lines or "Errno 28" in lines:
+        hint = "the disk is full: free space and re-run"
+    where = f"  executed notebook: {out}" + (f" (cell {cell})" if cell is not None else "")
+    return (f"round {rnd:02d} {stage} failed: {ename}: {lines}\n" + (f"  ({hint})\n" if hint else "") + where +
+            f"\n  finished stages are kept: fix the cause and re-run the same command to resume at round {rnd:02d} {stage}")
+
+
 def run_stage(run_dir: Path, rnd: int, stage: str, kernel: str) -> None:
     """Execute one stage notebook into the round folder; raise LoopError on a failing cell."""
     import papermill as pm
 
+    if stage not in STAGES:
+        raise RunFolderError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     src = notebook_dir() / f"{stage}.ipynb"
     out = round_dir(run_dir, rnd) / f"{stage}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,14 +186,16 @@ def run_stage(run_dir: Path, rnd: int, stage: str, kernel: str) -> None:
         pm.execute_notebook(str(src), str(out), parameters={"run_dir": str(run_dir.resolve()), "round": rnd},
                             kernel_name=kernel, language="python", progress_bar=False, log_output=False, cwd=str(REPO_ROOT))
     except pm.PapermillExecutionError as e:
-        evalue = str(e.evalue).strip().splitlines()
-        raise LoopError(f"round {rnd:02d} {stage} failed: {e.ename}: {' '.join(evalue)[:2000]}\n"
-                        f"  executed notebook: {out} (cell {e.exec_count})") from None
+        raise LoopError(_failure(rnd, stage, out, e.ename, e.evalue, e.exec_count)) from None
+    except OSError:
+        raise  # writing the executed notebook failed (a full disk): the CLI says so
+    except Exception as e:  # the kernel died or did not start: not a cell error, still a failed stage
+        raise LoopError(_failure(rnd, stage, out, type(e).__name__, str(e) or repr(e))) from None
 
 
 def stop_record(run_dir: Path) -> dict | None:
     p = Path(run_dir) / "stop.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    return read_json(p, "stop record") if p.exists() else None
 
 
 def after_round(run_dir: Path, rnd: int) -> dict | None:
@@ -171,7 +208,7 @@ def after_round(run_dir: Path, rnd: int) -> dict | None:
     report.write_report(run_dir)
     eval_path = round_dir(run_dir, rnd) / "eval.json"
     if eval_path.exists():
-        stop = json.loads(eval_path.read_text()).get("stop")
+        stop = read_json(eval_path, "eval results").get("stop")
         if stop:
             rec = {"round": rnd, **stop}
             atomic_write_json(Path(run_dir) / "stop.json", rec)
@@ -181,9 +218,26 @@ def after_round(run_dir: Path, rnd: int) -> dict | None:
 
 def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool = False,
              stages: tuple[str, ...] = STAGES) -> Path:
-    """Run (or resume) ``rounds`` rounds of the loop in ``run_dir``."""
+    """Run (or resume) ``rounds`` rounds of the loop in ``run_dir``.
+
+    Raises ConfigError (bad rounds, changed config), ModelLoadError (before anything is
+    written), RunFolderError (folder in use, corrupted files) or LoopError (a stage failed;
+    its marker is not written, so the same call resumes there).
+    """
+    from .models import check_model
+
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
+        raise C.ConfigError(f"rounds: expected an integer in 1..{MAX_ROUNDS}, got {rounds!r}")
     run_dir = Path(run_dir)
-    init_run(run_dir, cfg, override=override)
+    check_model(cfg.model, trust_remote_code=cfg.trust_remote_code)  # before anything is written
+    with run_lock(run_dir):
+        clean_temp_files(run_dir)
+        init_run(run_dir, cfg, override=override)
+        _loop(run_dir, rounds, stages)
+    return run_dir
+
+
+def _loop(run_dir: Path, rounds: int, stages: tuple[str, ...]) -> None:
     kernel = kernel_name()
     present = [s for s in stages if (notebook_dir() / f"{s}.ipynb").exists()]
     t0 = time.time()
@@ -196,6 +250,7 @@ def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool 
         for stage in present:
             if is_done(run_dir, rnd, stage):
                 continue
+            invalidate_after(run_dir, rnd, stage)  # what was built on this stage's old output is stale
             tick.start(f"[round {rnd + 1}/{rounds}] {stage}")
             t = time.time()
             try:
@@ -209,4 +264,3 @@ def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool 
         if stop:
             print(f"stopping after round {rnd:02d}: {stop.get('reason')}", file=sys.stderr)
             break
-    return run_dir

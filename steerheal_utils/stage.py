@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import config as C
-from .runfolder import STAGES, round_dir
+from .runfolder import STAGES, round_dir, safe_child
 
 NOTEBOOK_PARAMS = ("run_dir", "round", "preset")
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -74,7 +74,8 @@ class StageContext:
         return round_dir(self.run_dir, self.round - 1) if self.round > 0 else None
 
     def path(self, name: str) -> Path:
-        return self.round_dir / name
+        """``round_NN/name``; a name that would lead outside the round folder is refused."""
+        return safe_child(self.round_dir, name)
 
     def load_model(self, *, merge: bool = False):
         """The model at this round (earlier rounds' adapters baked in) and its tokenizer."""
@@ -89,6 +90,10 @@ def open_stage(stage: str, namespace: dict[str, Any]) -> StageContext:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     params = notebook_params(namespace)
     fields = {f for f in C.Config.__dataclass_fields__}
+    if any(isinstance(v, StageContext) for v in params.values()):
+        # Re-run in an interactive session: the namespace also holds the notebook's own
+        # variables (ctx, rows...). Injected names were checked on the first run.
+        params = {k: v for k, v in params.items() if k in NOTEBOOK_PARAMS or k in fields}
     unknown = [k for k in params if k not in NOTEBOOK_PARAMS and k not in fields]
     if unknown:
         raise C.unknown_key_error(unknown[0])
