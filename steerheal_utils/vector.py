@@ -103,6 +103,9 @@ class SteeringVector:
         meta = {k: json.loads(v) for k, v in meta_raw.items()}
         if set(norms) != set(dirs):
             raise ValueError(f"{path}: residual norms missing for layers {sorted(set(dirs) - set(norms))}")
+        bad = sorted(layer for layer in dirs if not (torch.isfinite(dirs[layer]).all() and math.isfinite(norms[layer])))
+        if bad:
+            raise ValueError(f"{path}: layers {bad} have NaN or inf values (corrupted file): re-run the 01_vector stage that wrote it")
         return cls(dirs, norms, meta)
 
 
