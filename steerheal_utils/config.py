@@ -98,8 +98,8 @@ class Config:
     narration_overlap: float = knob(0.6, "filter: persona word overlap of a self-describing sentence that counts as narration", lo=0.0, hi=1.0)
     narration_paraphrase: float = knob(0.8, "filter: persona word overlap of any sentence that counts as narration", lo=0.0, hi=1.0)
     max_boilerplate_hits: int = knob(2, "filter: this many assistant-boilerplate phrases or more is 'boilerplate'", lo=1)
-    max_entropy_collapse: float = knob(0.3, "filter: fraction of positions where base is near-certain on a repeated 3-gram", lo=0.0, hi=1.0)
-    entropy_floor: float = knob(0.5, "filter: base-model entropy (nats) under which it counts as certain", lo=0.0)
+    max_entropy_collapse: float = knob(0.15, "filter: fraction of positions where base is low-entropy on a repeated 3-gram", lo=0.0, hi=1.0)
+    entropy_floor: float = knob(2.0, "filter: base-model entropy (nats) under which it counts as certain (small models keep a long tail: 1.5-1.8 nats inside a loop for SmolLM2-135M)", lo=0.0)
     min_train: int = knob(8, "stop the round if fewer completions are kept", lo=1)
 
     # --- 04 heal ---

@@ -181,11 +181,17 @@ def test_thresholds_from_config_reads_same_names():
     assert t.max_ngram_repeat == FilterThresholds().max_ngram_repeat
     assert FilterThresholds.from_config(object()) == FilterThresholds()
     try:
-        from steerheal_utils.config import resolve
+        from steerheal_utils.config import Config, resolve
     except Exception:  # the central config is another module's business
         return
     cfg = resolve("default", {"max_tail_ppl": 33.0})
     assert FilterThresholds.from_config(cfg).max_tail_ppl == 33.0
+    # The config carries every threshold, with the same defaults.
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert {f.name for f in dataclasses.fields(FilterThresholds)} <= names
+    assert FilterThresholds.from_config(Config()) == FilterThresholds()
 
 
 def test_precision_recall_known_values():
