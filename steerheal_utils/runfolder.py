@@ -43,7 +43,7 @@ class RunFolderError(RuntimeError):
 
 
 def round_dir(run_dir: Path | str, rnd: int) -> Path:
-    if not isinstance(rnd, int) or rnd < 0 or rnd > 99:
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0 or rnd > 99:
         raise RunFolderError(f"round must be an integer in 0..99, got {rnd!r}")
     return Path(run_dir) / f"round_{rnd:02d}"
 

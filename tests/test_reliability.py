@@ -1,0 +1,558 @@
+"""Fault injection: every way a long run can go wrong ends in a clear message and a run
+folder from which the same command continues (issue #6).
+
+Foundation-level tests come first (seconds each, no kernel); the driver tests that start
+notebook kernels are few and use fake one-cell stages; the end-to-end tests on the `tiny`
+preset (kill -9 during 04_heal and resume, NaN, starvation, coherence floor, truncated
+adapter) are at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from steerheal_utils import config as C
+from steerheal_utils import embedded as E
+from steerheal_utils import models as M
+from steerheal_utils import runfolder as R
+from steerheal_utils import stage
+from steerheal_utils.cli import explain
+from steerheal_utils.vector import SteeringVector
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(tmp_path: Path, notebooks: Path | None = None, cache: Path | None = None) -> dict:
+    env = {**os.environ, "STEERHEAL_CACHE": str(cache or tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    if notebooks is not None:
+        env["STEERHEAL_NOTEBOOKS"] = str(notebooks)
+    return env
+
+
+def run_cli(args, tmp_path, notebooks=None, cache=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "steerheal_utils", *args], capture_output=True, text=True,
+                          env=cli_env(tmp_path, notebooks, cache), timeout=timeout, cwd=REPO)
+
+
+def assert_one_clear_error(r, *needles, code=1):
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr[-3000:])
+
+
+def temp_leftovers(folder: Path) -> list[Path]:
+    return [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+# ====================================================================== papermill parameters
+def test_stage_parameters_wrong_type_unknown_name_out_of_range(tmp_path):
+    C.save_config(C.resolve("tiny"), tmp_path / "config.yaml")
+    base = {"run_dir": str(tmp_path), "round": 0}
+    bad = [({"round": "1"}, "round"), ({"round": True}, "round"), ({"round": 100}, "round"),
+           ({"run_dir": None}, "run_dir"), ({"top_p": 2.0}, "top_p: 2.0 is out of range"),
+           ({"temprature": 0.5}, "Did you mean temperature"), ({"lora_r": "four"}, "lora_r: expected an integer"),
+           ({"kl_agg": "median"}, "kl_agg: 'median' is not one of"), ({"layers": "x"}, "layers[0]")]
+    for extra, msg in bad:
+        with pytest.raises(C.ConfigError, match=msg.replace("[", r"\[")):
+            stage.open_stage("02_generate", {**base, **extra})
+    # a missing preset for a new run folder is a config error too
+    with pytest.raises(C.ConfigError, match="unknown preset"):
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path / "new"), "round": 0, "preset": "huge"})
+    assert not (tmp_path / "new" / "config.yaml").exists()
+
+
+def test_rerun_of_open_stage_cell_ignores_the_notebooks_own_variables(tmp_path):
+    """In JupyterLab the namespace also holds ctx, rows...: a re-run must not call them unknown keys,
+    while a fresh kernel (papermill) still refuses an unknown name."""
+    C.save_config(C.resolve("tiny"), tmp_path / "config.yaml")
+    ns = {"run_dir": str(tmp_path), "round": 0}
+    ctx = stage.open_stage("03_filter", ns)
+    ns.update(ctx=ctx, rows=[{"a": 1}], n_kept=3)
+    again = stage.open_stage("03_filter", ns)
+    assert again.cfg == ctx.cfg
+    with pytest.raises(C.ConfigError, match="rows"):
+        stage.open_stage("03_filter", {"run_dir": str(tmp_path), "round": 0, "rows": [1]})
+
+
+def test_papermill_injected_bad_parameter_fails_before_any_model_loads(tmp_path, monkeypatch):
+    """The real 01_vector notebook, a bad value injected by papermill: the stage stops at
+    open_stage, with ConfigError naming the key, and writes nothing."""
+    import papermill as pm
+
+    from steerheal_utils.driver import kernel_name
+
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))  # kernel_name() extends it
+    kernel = kernel_name()
+    run = tmp_path / "run"
+    C.save_config(C.resolve("tiny"), run / "config.yaml")
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(pm.PapermillExecutionError) as ei:
+        pm.execute_notebook(str(REPO / "notebooks" / "01_vector.ipynb"), str(out), kernel_name=kernel,
+                            parameters={"run_dir": str(run), "round": 0, "n_contexts": 1}, progress_bar=False)
+    assert ei.value.ename == "ConfigError" and "n_contexts: 1 is out of range" in ei.value.evalue
+    assert not (run / "round_00" / "vector.safetensors").exists()
+    nb = nbformat.read(out, as_version=4)
+    failed = [c for c in nb.cells if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert len(failed) == 1 and "open_stage" in failed[0].source
+
+
+# ====================================================================== model load errors
+@pytest.mark.parametrize("model, needles", [
+    ("org/no-such-model-xyz", ["'org/no-such-model-xyz'", "no network? or a misspelt id", "smollm2-135m-instruct", "local folder"]),
+    ("/nonexistent/folder/model", ["'/nonexistent/folder/model'", "no such folder", "smollm2-135m-instruct"]),
+    ("tiny:gpt2", ["'tiny:gpt2'", "tiny:llama"]),
+])
+def test_unloadable_model_gives_one_message_and_writes_nothing(tmp_path, model, needles):
+    run = tmp_path / "run"
+    r = run_cli(["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run), "--set", f"model={model}"], tmp_path)
+    assert_one_clear_error(r, "model error:", *needles)
+    assert not run.exists()  # checked before the run folder (and its config) was created
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(M.ModelLoadError, match="no config.json"):
+        M.check_model(str(tmp_path / "weights"))
+
+
+def test_gated_and_remote_code_errors_are_explained():
+    gated = M._explain_load_error("google/gemma-3-4b-it", OSError("You are trying to access a gated repo. 401 Client Error"))
+    assert "gated" in gated and "hf auth login" in gated and "smollm2-135m-instruct" in gated
+    remote = M._explain_load_error("x/y", ValueError("requires you to execute code; set trust_remote_code=True"))
+    assert "trust_remote_code=true only if you trust it" in remote
+
+
+def test_trust_remote_code_is_off_by_default_and_passed_through(tmp_path, monkeypatch):
+    import transformers
+
+    assert C.Config().trust_remote_code is False
+    assert all(C.resolve(p).trust_remote_code is False for p in C.PRESETS)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kw):
+        seen.append(kw.get("trust_remote_code", "absent"))
+        raise Stop
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake)
+    for cfg in (C.resolve("tiny", {"model": str(folder)}), C.resolve("tiny", {"model": str(folder), "trust_remote_code": True})):
+        with pytest.raises(M.ModelLoadError):
+            M.load_round_model(cfg, None, 0)
+        with pytest.raises(M.ModelLoadError):
+            M.check_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    assert seen == [False, False, True, True]
+
+
+def test_cli_explains_known_failures_and_keeps_traces_for_bugs():
+    from steerheal_utils.driver import LoopError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    full.filename = "/runs/x/metrics.csv"
+    assert "disk full while writing /runs/x/metrics.csv" in explain(full) and "re-run the same command" in explain(full)
+    assert explain(FloatingPointError("loss is nan")).startswith("numerical error (NaN or inf): loss is nan")
+    assert explain(R.RunFolderError("corrupted x")) == "run folder error: corrupted x"
+    assert explain(E.EmbeddedModelError("bad hash")).startswith("model error:")
+    assert explain(LoopError("round 00 04_heal failed")) == "error: round 00 04_heal failed"
+    assert explain(KeyError("bug")) is None and explain(TypeError("bug")) is None
+
+
+def test_rounds_out_of_range_is_a_config_error(tmp_path):
+    r = run_cli(["run", "--preset", "tiny", "--rounds", "101", "--run-dir", str(tmp_path / "r")], tmp_path)
+    assert_one_clear_error(r, "rounds", "1..100", code=2)
+    assert not (tmp_path / "r").exists()
+
+
+# ====================================================================== atomic writes, ENOSPC
+class _FullDisk:
+    """A file object that writes half of what it is given, then reports a full disk."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_enospc_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, where):
+    target = tmp_path / "round_00" / "eval.json"
+    R.atomic_write_json(target, {"old": True})
+    if where == "write":
+        real = os.fdopen
+        monkeypatch.setattr(R.os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode)))
+    else:
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(R.os, "fsync", fsync)
+    with pytest.raises(OSError) as ei:
+        R.atomic_write_json(target, {"new": "x" * 10000})
+    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(target)  # the message says where
+    assert json.loads(target.read_text()) == {"old": True}
+    assert temp_leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(R.os, "fsync", full)
+    with pytest.raises(OSError):  # a marker write fails the same way: the stage stays not-done
+        R.mark_done(tmp_path, 0, "05_eval")
+    assert not R.is_done(tmp_path, 0, "05_eval") and temp_leftovers(tmp_path) == []
+
+
+def test_atomic_dir_failure_keeps_the_old_folder(tmp_path, monkeypatch):
+    target = tmp_path / "round_00" / "adapter"
+    with R.atomic_dir(target) as d:
+        (d / "adapter_model.safetensors").write_bytes(b"old")
+    # ENOSPC while the new folder is being written
+    with pytest.raises(OSError):
+        with R.atomic_dir(target) as d:
+            (d / "adapter_model.safetensors").write_bytes(b"new, half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (target / "adapter_model.safetensors").read_bytes() == b"old"
+    assert temp_leftovers(tmp_path) == []
+    # the second rename fails: the previous folder is put back
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(R.os, "replace", flaky)
+    with pytest.raises(OSError):
+        with R.atomic_dir(target) as d:
+            (d / "adapter_model.safetensors").write_bytes(b"new")
+    assert (target / "adapter_model.safetensors").read_bytes() == b"old"
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_clean_temp_files_removes_only_interrupted_writes(tmp_path):
+    rd = tmp_path / "round_00"
+    (rd / "adapter").mkdir(parents=True)
+    mine = [rd / ".completions.jsonl.ab12cd_9.tmp", rd / ".done" / ".04_heal.json.zzzzzzzz.tmp",
+            tmp_path / ".metrics.csv.k3j4h5g6.tmp", rd / ".adapter.123-456.old.tmp"]
+    for p in mine:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir() if p.name.endswith("old.tmp") else p.write_text("half")
+    (rd / ".adapter.q1w2e3r4.tmp").mkdir()
+    (rd / ".adapter.q1w2e3r4.tmp" / "adapter_model.safetensors").write_text("half")
+    keep = [rd / "completions.jsonl", tmp_path / "notes.tmp", tmp_path / "elsewhere" / ".x.abcdefgh.tmp"]
+    for p in keep:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("keep")
+    removed = R.clean_temp_files(tmp_path)
+    assert len(removed) == 5
+    assert all(not p.exists() for p in mine) and not (rd / ".adapter.q1w2e3r4.tmp").exists()
+    assert all(p.exists() for p in keep) and (rd / "adapter").is_dir()
+
+
+def test_corrupt_json_and_jsonl_name_the_file(tmp_path):
+    p = tmp_path / "eval.json"
+    p.write_text('{"care": 0.1, "auth')  # truncated
+    with pytest.raises(R.RunFolderError, match=f"corrupted eval results {p}"):
+        R.read_json(p, "eval results")
+    q = tmp_path / "completions.jsonl"
+    q.write_bytes(b'{"id": 1}\n{"id": \xff\xfe')
+    with pytest.raises(R.RunFolderError, match=str(q)):
+        R.read_jsonl(q, "completions")
+
+
+# ====================================================================== run folder markers and lock
+def test_rerunning_a_stage_unmarks_everything_downstream(tmp_path):
+    for r in (0, 1):
+        for s in R.STAGES:
+            R.mark_done(tmp_path, r, s)
+    R.atomic_write_json(tmp_path / "stop.json", {"round": 1, "reason": "coherence"})
+    removed = R.invalidate_after(tmp_path, 0, "03_filter")
+    assert [R.is_done(tmp_path, 0, s) for s in R.STAGES] == [True, True, True, False, False]
+    assert not any(R.is_done(tmp_path, 1, s) for s in R.STAGES) and len(removed) == 7
+    assert not (tmp_path / "stop.json").exists()
+
+
+def test_one_driver_per_run_folder_and_a_dead_holder_frees_it(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with R.run_lock(a):
+        with R.run_lock(b):  # another folder: independent
+            pass
+        with pytest.raises(R.RunFolderError, match=f"in use by another steerheal process \\(pid {os.getpid()}\\)"):
+            with R.run_lock(a):
+                pass
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from steerheal_utils.runfolder import run_lock
+        with run_lock({str(a)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(R.RunFolderError, match=f"pid {holder.pid}"):
+            with R.run_lock(a):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with R.run_lock(a):  # SIGKILL released it: the same command can resume
+        pass
+
+
+# ====================================================================== paths cannot escape the run folder
+def test_names_cannot_escape_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "round_00").mkdir(parents=True)
+    os.symlink(tmp_path, run / "round_00" / "link")
+    for name in ("../config.yaml", "../../x", "/etc/passwd", "link/evil", "", "a/../../b"):
+        with pytest.raises(R.RunFolderError):
+            R.safe_child(run / "round_00", name)
+    assert R.safe_child(run / "round_00", "adapter/adapter_config.json") == run / "round_00" / "adapter" / "adapter_config.json"
+    for bad in (-1, 100, "1", 1.0, True):
+        with pytest.raises(R.RunFolderError):
+            R.round_dir(run, bad)
+    for bad in ("../../../tmp/evil", "06_extra", "01_vector/../../x"):
+        with pytest.raises(R.RunFolderError):
+            R.marker_path(run, 0, bad)
+    C.save_config(C.resolve("tiny"), run / "config.yaml")
+    ctx = stage.open_stage("05_eval", {"run_dir": str(run), "round": 0})
+    assert ctx.path("eval.json") == run / "round_00" / "eval.json"
+    with pytest.raises(R.RunFolderError):
+        ctx.path("../../outside.json")
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage.open_stage("../../x", {"run_dir": str(run), "round": 0})
+
+
+def test_driver_refuses_unknown_stage_names(tmp_path):
+    from steerheal_utils.driver import run_stage
+
+    with pytest.raises(R.RunFolderError, match="unknown stage"):
+        run_stage(tmp_path, 0, "../../evil", "python3")
+
+
+# ====================================================================== safetensors only; corrupted artifacts
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = M.tiny_model("llama", seed=0)
+    d = tmp_path_factory.mktemp("adapter") / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(d)
+    return d
+
+
+class _Sentinel:
+    """Unpickling this touches a file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _copy_adapter(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_adapter_pickle_is_never_loaded(tmp_path, adapter_folder):
+    sentinel = tmp_path / "PWNED"
+    run = tmp_path / "run"
+    binonly = run / "round_00" / "adapter"
+    binonly.mkdir(parents=True)
+    (binonly / "adapter_config.json").write_bytes((adapter_folder / "adapter_config.json").read_bytes())
+    (binonly / "adapter_model.bin").write_bytes(pickle.dumps(_Sentinel(sentinel)))
+    with pytest.raises(R.RunFolderError, match="adapter_model.bin: pickled weights are never loaded"):
+        M.adapter_dirs(run, 1)
+    with pytest.raises(R.RunFolderError, match="no adapter_model.safetensors"):
+        M.bake_adapters(M.tiny_model("llama")[0], [binonly])
+    assert not sentinel.exists()
+    # (Why the check exists: peft 0.21 falls back to adapter_model.bin even with use_safetensors=True.)
+    # Both present: the safetensors file is what gets used, the pickle is not touched.
+    both = _copy_adapter(adapter_folder, tmp_path / "both")
+    (both / "adapter_model.bin").write_bytes(pickle.dumps(_Sentinel(sentinel)))
+    baked = M.bake_adapters(M.tiny_model("llama")[0], [both])
+    assert not sentinel.exists() and type(baked).__name__ == "PeftModel"
+
+
+def test_truncated_or_nan_adapter_names_the_file(tmp_path, adapter_folder):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    d = _copy_adapter(adapter_folder, run / "round_00" / "adapter")
+    f = d / "adapter_model.safetensors"
+    good = f.read_bytes()
+    f.write_bytes(good[: len(good) // 2])
+    with pytest.raises(R.RunFolderError) as ei:
+        M.adapter_dirs(run, 1)
+    msg = str(ei.value)
+    assert f"corrupted adapter file {f}" in msg and "04_heal.json" in msg and "re-run the same command" in msg
+    with pytest.raises(R.RunFolderError, match="corrupted adapter file"):
+        M.bake_adapters(M.tiny_model("llama")[0], [d])
+    tensors = load_file(adapter_folder / "adapter_model.safetensors")
+    k = sorted(tensors)[0]
+    tensors[k][0, 0] = float("nan")
+    save_file(tensors, f)
+    with pytest.raises(R.RunFolderError, match=f"{k} has NaN or inf"):
+        M.adapter_dirs(run, 1)
+    f.unlink()
+    with pytest.raises(R.RunFolderError, match="no adapter_model.safetensors"):
+        M.adapter_dirs(run, 1)
+    f.write_bytes(good)
+    assert M.adapter_dirs(run, 1) == [d]
+    with pytest.raises(R.RunFolderError, match="round 1 has no adapter folder"):
+        M.adapter_dirs(run, 2)
+
+
+def test_vector_file_is_safetensors_only_and_checked(tmp_path):
+    sv = SteeringVector({1: torch.ones(8), 2: torch.arange(8.0)}, {1: 3.0, 2: 4.0}, {"round": 0})
+    p = tmp_path / "vector.safetensors"
+    sv.save(p)
+    assert SteeringVector.load(p).layers == [1, 2]
+    good = p.read_bytes()
+    p.write_bytes(good[:-7])
+    with pytest.raises(ValueError, match=f"{p} is not a readable safetensors"):
+        SteeringVector.load(p)
+    sentinel = tmp_path / "PWNED"
+    p.write_bytes(pickle.dumps(_Sentinel(sentinel)))
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        SteeringVector.load(p)
+    assert not sentinel.exists()
+    SteeringVector({1: torch.tensor([1.0, float("nan")])}, {1: 3.0}).save(p)
+    with pytest.raises(ValueError, match=r"layers \[1\] have NaN or inf"):
+        SteeringVector.load(p)
+    SteeringVector({1: torch.ones(2)}, {1: float("inf")}).save(p)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        SteeringVector.load(p)
+
+
+# ====================================================================== embedded model: hashes, concurrent first use
+def _fake_converted(cache: Path) -> Path:
+    out = cache / "models" / E.NAME
+    out.mkdir(parents=True)
+    (out / "config.json").write_text('{"model_type": "llama"}')
+    (out / "model.safetensors").write_bytes(b"weights" * 100)
+    E._write_ready(out, E._manifest(out))
+    return out
+
+
+def test_embedded_files_are_checked_against_recorded_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    out = _fake_converted(tmp_path / "cache")
+    assert E.ensure_embedded_model() == out
+    (out / "model.safetensors").write_bytes(b"weights" * 99)  # truncated / modified
+    with pytest.raises(E.EmbeddedModelError, match=f"{out / 'model.safetensors'} has sha256 .* expected .* Delete {out}"):
+        E.ensure_embedded_model()
+    with pytest.raises(M.ModelLoadError, match="could not prepare the embedded model"):
+        M.check_model(E.NAME)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(E.EmbeddedModelError, match="sha256 missing"):
+        E.ensure_embedded_model()
+
+
+def test_embedded_tampered_cache_via_cli_is_one_message(tmp_path):
+    cache = tmp_path / "cache"
+    out = _fake_converted(cache)
+    (out / "config.json").write_text('{"model_type": "evil"}')
+    r = run_cli(["run", "--rounds", "1", "--run-dir", str(tmp_path / "run")], tmp_path, cache=cache)
+    assert_one_clear_error(r, "model error:", "config.json has sha256", "Delete")
+    assert not (tmp_path / "run").exists()
+
+
+def test_embedded_gguf_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / E.GGUF_FILE
+    fake.write_bytes(b"GGUF not the pinned one")
+    monkeypatch.setattr(E, "_installed_gguf", lambda: fake)
+    monkeypatch.setattr(E, "_convert", lambda *a: pytest.fail("a file with the wrong hash was converted"))
+    with pytest.raises(E.EmbeddedModelError, match=f"expected {E.GGUF_SHA256}: refusing"):
+        E.ensure_embedded_model(progress=False)
+    assert not E.model_dir().exists()
+
+
+CONVERT_SCRIPT = """
+import sys, time
+from pathlib import Path
+from steerheal_utils import embedded as E
+
+log = Path(sys.argv[1])
+gguf = Path(sys.argv[2])
+E._installed_gguf = lambda: gguf
+E.GGUF_SHA256 = E.sha256(gguf)
+E._fetch_gguf = lambda dest: (_ for _ in ()).throw(AssertionError("no download in tests"))
+
+def slow_convert(src, out):
+    with open(log, "a") as f:
+        f.write("start\\n")
+    (out / "config.json").write_text("{}")
+    time.sleep(2.0)  # the other process arrives meanwhile
+    (out / "model.safetensors").write_bytes(b"w" * 1000)
+    with open(log, "a") as f:
+        f.write("end\\n")
+
+E._convert = slow_convert
+print(E.ensure_embedded_model(progress=False), flush=True)
+"""
+
+
+def test_concurrent_first_use_converts_once(tmp_path):
+    """Two processes need the embedded model at once: one converts, the other waits and uses it;
+    a half-converted folder of a process killed mid-conversion is cleaned up, never used."""
+    cache = tmp_path / "cache"
+    stale = cache / "models" / f".{E.NAME}.dead1234.tmp"  # a crashed conversion's leftovers
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT_SCRIPT)
+    gguf = tmp_path / E.GGUF_FILE
+    gguf.write_bytes(b"fake gguf")
+    log = tmp_path / "log"
+    env = {**os.environ, "STEERHEAL_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(log), str(gguf)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    out = cache / "models" / E.NAME
+    assert [o[0].strip() for o in outs] == [str(out)] * 2
+    assert log.read_text() == "start\nend\n"  # converted exactly once
+    assert sorted(p.name for p in out.iterdir()) == ["READY", "config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"w" * 1000
+    assert not stale.exists() and [p.name for p in (cache / "models").iterdir() if p.name.endswith(".tmp")] == []
+    E.verify(out)
