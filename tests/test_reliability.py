@@ -556,3 +556,56 @@ def test_concurrent_first_use_converts_once(tmp_path):
     assert (out / "model.safetensors").read_bytes() == b"w" * 1000
     assert not stale.exists() and [p.name for p in (cache / "models").iterdir() if p.name.endswith(".tmp")] == []
     E.verify(out)
+
+
+# ====================================================================== stage failures through the driver (fake stages)
+def write_nb(path: Path, code: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell('run_dir = "x"\nround = 0')
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)
+
+
+FAULTY_STAGE = """
+import errno, os, signal
+from pathlib import Path
+from steerheal_utils import runfolder, stage
+ctx = stage.open_stage("01_vector", globals())
+fault = Path({fault!r})
+if fault.exists():
+    kind = fault.read_text()
+    def fsync(fd):
+        if kind == "kill":  # the kernel dies in the middle of writing an artifact
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    os.fsync = fsync
+runfolder.atomic_write_bytes(ctx.path("vector.safetensors"), b"x" * 100000)
+"""
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("full", ["round 00 01_vector failed: OSError", "No space left on device", "vector.safetensors", "the disk is full"]),
+    ("kill", ["round 00 01_vector failed: DeadKernelError", "the notebook's kernel died"]),
+])
+def test_stage_fault_is_one_message_and_the_same_command_resumes(tmp_path, kind, needles):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    fault = tmp_path / "fault"
+    fault.write_text(kind)
+    write_nb(d / "01_vector.ipynb", FAULTY_STAGE.format(fault=str(fault)))
+    run = tmp_path / "run"
+    args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
+    r = run_cli(args, tmp_path, d)
+    assert_one_clear_error(r, *needles, "re-run the same command to resume at round 00 01_vector")
+    assert not R.is_done(run, 0, "01_vector") and not (run / "round_00" / "vector.safetensors").exists()
+    if kind == "full":
+        assert temp_leftovers(run) == []
+    else:  # SIGKILL mid-write: a hidden temp file may stay until the next start
+        assert all(R._TEMP_NAME.match(p.name) for p in temp_leftovers(run))
+    fault.unlink()  # space freed / memory available again
+    r = run_cli(args, tmp_path, d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert R.is_done(run, 0, "01_vector") and (run / "round_00" / "vector.safetensors").stat().st_size == 100000
+    assert temp_leftovers(run) == []
