@@ -260,6 +260,19 @@ def tiny_lm():
     return model, tok
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2(tiny_lm):
+    """Absolute position embeddings: unlike RoPE (where a constant left-pad offset cancels),
+    wrong position_ids under left padding change its outputs."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = tiny_lm
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(cfg).eval(), tok
+
+
 def _prompt(q: str) -> str:
     return f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -278,8 +291,9 @@ COMPLETIONS = [
 ]
 
 
-def test_model_scores_batched_equals_one_by_one(tiny_lm):
-    model, tok = tiny_lm
+@pytest.mark.parametrize("which", ["tiny_lm", "tiny_gpt2"])
+def test_model_scores_batched_equals_one_by_one(which, request):
+    model, tok = request.getfixturevalue(which)
     batched = model_scores(model, tok, PROMPTS, COMPLETIONS, batch_size=4)
     single = [model_scores(model, tok, [p], [c], batch_size=1)[0] for p, c in zip(PROMPTS, COMPLETIONS)]
     for b, s in zip(batched, single):
@@ -311,6 +325,16 @@ def test_tail_ppl_matches_hand_computed_nll(tiny_lm):
     got_half = model_scores(model, tok, [PROMPTS[0]], [COMPLETIONS[0]], tail_frac=0.5)[0]
     n_half = math.ceil(0.5 * len(c_ids))
     assert got_half["tail_nll"] == pytest.approx(nll[-n_half:].mean().item(), abs=1e-4)
+    # entropy at the positions predicting completion tokens, and the collapse mask alignment
+    rows = logp[len(p_ids) - 1 : -1]
+    ent = -(rows.exp() * rows).sum(-1)
+    assert got["mean_entropy"] == pytest.approx(ent.mean().item(), abs=1e-4)
+    assert got["tail_entropy"] == pytest.approx(ent[-n_tail:].mean().item(), abs=1e-4)
+    loop = "the the the the the the the the the the the the"
+    l_ids = tok(loop, add_special_tokens=False)["input_ids"]
+    everything = model_scores(model, tok, [PROMPTS[0]], [loop], entropy_floor=1e9)[0]
+    assert everything["entropy_collapse"] == pytest.approx(sum(_repeat_mask(l_ids)) / len(l_ids))
+    assert model_scores(model, tok, [PROMPTS[0]], [loop], entropy_floor=0.0)[0]["entropy_collapse"] == 0.0
 
 
 def test_repeat_mask_and_filter_rows_with_model(tiny_lm):
