@@ -43,6 +43,15 @@ __all__ = [
     "filter_rows",
     "precision_recall",
     "format_report",
+    # 03_filter stage glue (section 6)
+    "GATES",
+    "TooFewKept",
+    "labelled_rows",
+    "reason_counts",
+    "run_stage",
+    "require_min_train",
+    "figures",
+    "browser",
 ]
 
 DEFAULT_PERSONA_POS = "someone who looks after others' wellbeing even when it means defying authority"
