@@ -222,6 +222,81 @@ def extract_vector(model: nn.Module, tok, user_messages: Sequence[str], pos_pers
 
 
 # ------------------------------------------------------------------ steering
+SLOT_ATTR = "_steerheal_add"  # the per-block add buffer of steering_slots()
+SLOT_BUSY = "_steerheal_add_busy"  # a steer() is writing that buffer now
+
+
+def _hidden_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+def _add_hook(mod: nn.Module, _inp, out):
+    """Forward hook of the fast path: add the block's preallocated buffer at every position.
+
+    A plain module-level function reading a tensor attribute, with no Python-side state, so
+    a compiled forward traces it once and later doses (written into the buffer in place)
+    need no recompile.
+    """
+    h = out[0] if isinstance(out, tuple) else out
+    h2 = h + getattr(mod, SLOT_ATTR).to(h.dtype)
+    return (h2, *out[1:]) if isinstance(out, tuple) else h2
+
+
+def _fast_add(vector: "SteeringVector", layer: int, dose: float, device, dtype) -> torch.Tensor:
+    # The same ops, in the same dtype, as the general hook computes for a constant dose, so
+    # the two paths agree bit for bit.
+    add = vector.added(layer, 1.0).to(device, dtype)
+    return torch.full((), float(dose), device=device).to(dtype) * add
+
+
+def slot_layers(model: nn.Module) -> list[int]:
+    """Layers that carry a persistent steering slot (see :func:`steering_slots`)."""
+    return [i for i, b in enumerate(get_layers(model)) if hasattr(b, SLOT_ATTR)]
+
+
+@contextlib.contextmanager
+def steering_slots(model: nn.Module, layers: Sequence[int] | None = None) -> Iterator[list[int]]:
+    """Persistent zero add-buffers and hooks on ``layers`` (default: every block) for the whole block.
+
+    Inside it, :func:`steer` with ``positions="all"`` and ``halflife=0`` writes
+    ``dose * r_L * v_L / ||v_L||`` into the buffers in place (``copy_``) and zeroes them on
+    exit, instead of registering hooks. The set of hooks a compiled forward saw therefore
+    never changes, so a static-cache compiled ``generate`` does not recompile across doses,
+    vectors or batches (torch.compile guards on a module's hook dict, and does not guard an
+    empty one at all: a hook added after compiling on a hook-free model would be silently
+    ignored; the slots exist before the first compiled call, so that cannot happen here).
+    A zero buffer adds exactly 0, so outside :func:`steer` the model computes what it
+    computes without slots. Nested use re-uses existing slots. Hooks and buffers are removed
+    on exit, also when the body raises.
+    """
+    blocks = get_layers(model)
+    layers = list(range(len(blocks))) if layers is None else sorted(set(layers))
+    bad = [i for i in layers if not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"steering_slots: layers {bad} out of range for a model with {len(blocks)} layers")
+    d = model.get_input_embeddings().weight.shape[1]
+    dtype = _hidden_dtype(model)
+    handles, mine = [], []
+    try:
+        for i in layers:
+            b = blocks[i]
+            if hasattr(b, SLOT_ATTR):
+                continue
+            dev = next(b.parameters()).device
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: updatable in and out of inference mode
+                setattr(b, SLOT_ATTR, torch.zeros(d, device=dev, dtype=dtype))
+            mine.append(i)
+            handles.append(b.register_forward_hook(_add_hook))
+        yield layers
+    finally:
+        for h in handles:
+            h.remove()
+        for i in mine:
+            for attr in (SLOT_ATTR, SLOT_BUSY):
+                if hasattr(blocks[i], attr):
+                    delattr(blocks[i], attr)
+
+
 @contextlib.contextmanager
 def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, positions: str = "all",
           halflife: int = 0, prompt_len: int | None = None) -> Iterator[None]:
@@ -238,6 +313,10 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
         prompt_len: length of the (padded) prompt. Defaults to the length of the first forward
             call, which is the prompt when used around ``generate`` with a KV cache.
 
+    ``positions="all"`` with ``halflife=0`` (the default) takes a fast path: a preallocated
+    buffer per layer added at every position, with no per-call Python state, so it also works
+    unchanged under a compiled forward. Inside :func:`steering_slots` it registers no hooks at
+    all and only writes the buffers. The other settings count positions in Python (eager only).
     The hooks are removed on exit, also when the body raises.
     """
     if positions not in ("all", "generated"):
@@ -248,6 +327,13 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
         yield
         return
     blocks = get_layers(model)
+    for layer in vector.layers:
+        if layer >= len(blocks):
+            raise ValueError(f"vector has layer {layer} but the model has {len(blocks)} layers: wrong model?")
+    if positions == "all" and halflife == 0:
+        with _steer_fast(blocks, vector, dose, _hidden_dtype(model)):
+            yield
+        return
     handles = []
     state = {layer: 0 for layer in vector.layers}  # positions seen so far, per layer (KV-cached decoding)
     plen = {"n": prompt_len}
@@ -274,13 +360,46 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
 
     try:
         for layer in vector.layers:
-            if layer >= len(blocks):
-                raise ValueError(f"vector has layer {layer} but the model has {len(blocks)} layers: wrong model?")
             handles.append(blocks[layer].register_forward_hook(make(layer)))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _steer_fast(blocks: nn.ModuleList, vector: SteeringVector, dose: float, dtype: torch.dtype) -> Iterator[None]:
+    """Constant dose at every position: write a free persistent slot in place, else add a
+    temporary hook with its own buffer (nested steering stays additive)."""
+    handles, written = [], []
+
+    def temp_hook(buf: torch.Tensor):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h2 = h + buf.to(h.dtype)
+            return (h2, *out[1:]) if isinstance(out, tuple) else h2
+        return hook
+
+    try:
+        for layer in vector.layers:
+            b = blocks[layer]
+            slot = getattr(b, SLOT_ATTR, None)
+            if slot is not None and not getattr(b, SLOT_BUSY, False):
+                with torch.no_grad():
+                    slot.copy_(_fast_add(vector, layer, dose, slot.device, slot.dtype))
+                setattr(b, SLOT_BUSY, True)
+                written.append(b)
+            else:
+                buf = _fast_add(vector, layer, dose, next(b.parameters()).device, dtype)
+                handles.append(b.register_forward_hook(temp_hook(buf)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b in written:
+                getattr(b, SLOT_ATTR).zero_()
+                setattr(b, SLOT_BUSY, False)
 
 
 def check_vector_matches(vector: SteeringVector, model: nn.Module) -> None:
