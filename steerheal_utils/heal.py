@@ -557,7 +557,7 @@ def save_adapter(model: nn.Module, name: str, path: Path | str) -> Path:
     from .runfolder import atomic_dir
 
     path = Path(path)
-    with atomic_dir(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=".save.") as scratch:
+    with atomic_dir(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=".save.", suffix=".tmp") as scratch:
         # save_embedding_layers=False: we never adapt embeddings, and "auto" would look the base model up on the hub
         model.save_pretrained(scratch, selected_adapters=[name], safe_serialization=True, save_embedding_layers=False)
         src = Path(scratch) / name if (Path(scratch) / name).is_dir() else Path(scratch)  # peft nests non-default names
