@@ -69,6 +69,7 @@ class Config:
     top_k: int = knob(64, "top-k sampling; 0 = off", lo=0)
     max_new_tokens: int = knob(96, "completion length cap (tokens)", lo=1)
     gen_batch_size: int = knob(32, "prompts sampled together", lo=1)
+    gen_compile: bool = knob(False, "CUDA only: static KV cache + compiled decode step (one-time compile, ~2 min at 4B; pays when a round samples >~100k tokens)")
     n_keep: int = knob(64, "kept completions to collect for heal", lo=1)
     gen_budget: int = knob(192, "most completions generated per round while collecting", lo=1)
     calib_target: float = knob(0.75, "dose search: fraction of probe completions the filter must keep", lo=0.0, hi=1.0)
@@ -192,7 +193,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="google/gemma-3-4b-it", n_contexts=256, max_new_tokens=256, gen_batch_size=256,
         n_keep=256, gen_budget=768, calib_probes=64, calib_steps=6, epochs=2, lora_r=32,
         lora_alpha=64.0, tau=2.0, batch_size=64, eval_layout="tinymfv", think_tokens=128,
-        heldout_max_new_tokens=128, controls_every_round=True,
+        heldout_max_new_tokens=128, controls_every_round=True, gen_compile=True,
     ),
 }
 
