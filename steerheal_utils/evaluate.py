@@ -23,7 +23,13 @@ Two prompt layouts (``eval_layout``):
 - ``prefix``: the instructions and options come first and the vignette last. The chat
   header, instructions and options are one shared prefix per frame; its key/value cache is
   computed once and expanded over each batch, so only the vignette and the answer suffix
-  are computed per row (about 4x fewer tokens on the classic set).
+  are computed per row (8.5k instead of 44k per-row tokens on the classic set).
+
+Measured (132 vignettes x 2 frames, T = 0, SmolLM2-135M dimensions, fp32, 2 pinned CPU
+cores, batch 16): prefix 17.8 s, tinymfv 87.3 s; the 52-item probe 12.3 s vs 21.7 s. On a
+GPU the saving disappears (gemma-3-4b dimensions, bf16, H100, batch 64: prefix 3.6 s,
+tinymfv 1.3 s), so the ``gemma-3-4b`` preset keeps the faithful layout. The two layouts are
+different prompts, not the same prompt computed twice: compare runs within one layout.
 
 The on-axis probe: two-option care-vs-authority dilemmas written for this project; score =
 mean log-odds of the care option's label over the authority option's, averaged over both
@@ -566,8 +572,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
     model.eval()
     rows = load_vignettes(cfg.vignettes or None, cfg.eval_max_rows, seed=cfg.seed)
     probe = load_probe(cfg.probe_max_items)
-    kw = dict(probe=probe, layout=cfg.eval_layout, think_tokens=cfg.think_tokens, batch_size=cfg.batch_size,
-              progress=progress)
+    kw = dict(probe=probe, layout=cfg.eval_layout, think_tokens=cfg.think_tokens, batch_size=cfg.batch_size)
 
     sv = None
     vec_path = ctx.path("vector.safetensors")
@@ -594,8 +599,11 @@ def run_stage(ctx, progress: bool = True) -> dict:
     if healed_ok:
         plan.append(("healed", r + 1, None, None))
 
+    from tqdm.auto import tqdm
+
     stages, all_rows = {}, []
-    for name, k, vec, system in plan:
+    # one bar over the stages: per-batch bars would store dozens of widgets in the executed notebook
+    for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
         with active_adapters(model, k), steer(model, vec, dose or 0.0):
             res = evaluate_model(model, tok, rows, system=system, **kw)
         res["summary"]["dose"] = dose if vec is not None else 0.0
@@ -609,13 +617,13 @@ def run_stage(ctx, progress: bool = True) -> dict:
                  "vignettes": cfg.vignettes or "mfv_classic_other_violate.jsonl", "dose": dose}
     heldout = load_heldout()
     if healed_ok:
-        recs, pids, ans = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size, progress)
+        recs, pids, ans = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)
         out["heldout"] = recs
         out["kl_to_base"] = answer_kl(model, model.disable_adapter, tok, pids, ans, batch_size=max(1, cfg.batch_size // 2))
         stages["healed"]["kl_to_base"] = out["kl_to_base"]
     elif r == 0:  # the base's answers give the table its starting column
         with active_adapters(model, 0):
-            out["heldout"] = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size, progress)[0]
+            out["heldout"] = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)[0]
     if sv is not None:
         first = round_dir(ctx.run_dir, 0) / "vector.safetensors"
         cos = sv.cosine(SteeringVector.load(first)) if r > 0 and first.exists() else {layer: 1.0 for layer in sv.layers}
