@@ -278,6 +278,10 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
         if pts:
             ax.plot([r["auth_nats"] for r in pts], [r["care_nats"] for r in pts], "*" if stage == "base" else "o-",
                     color=COLORS[stage], label=stage, ms=12 if stage == "base" else 6)
+    from matplotlib.ticker import MaxNLocator
+
+    for a in axes[:4]:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("auth_nats")
     ax.set_ylabel("care_nats")
     ax.set_title("C: care vs authority")
