@@ -4,10 +4,14 @@ import os
 import sys
 
 import pytest
+import torch
 
 # Keep test runs hermetic: no hub access, and a cache that tests may write to.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tiny models are overhead-bound: one thread is as fast, deterministic, and does not thrash
+# when the machine is shared (two threads made tiny-model tests ~12x slower under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
