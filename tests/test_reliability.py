@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli_env(tmp_path: Path, notebooks: Path | None = None, cache: Path | None = None) -> dict:
+    # One thread per kernel: tiny models are overhead-bound, and the machine is shared.
     env = {**os.environ, "STEERHEAL_CACHE": str(cache or tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if notebooks is not None:
         env["STEERHEAL_NOTEBOOKS"] = str(notebooks)
     return env
@@ -609,3 +610,175 @@ def test_stage_fault_is_one_message_and_the_same_command_resumes(tmp_path, kind,
     assert r.returncode == 0, r.stderr[-3000:]
     assert R.is_done(run, 0, "01_vector") and (run / "round_00" / "vector.safetensors").stat().st_size == 100000
     assert temp_leftovers(run) == []
+
+
+
+SLOW_STAGE = """
+import time
+from steerheal_utils import runfolder, stage
+ctx = stage.open_stage("01_vector", globals())
+time.sleep(6)
+runfolder.atomic_write_text(ctx.path("done.txt"), str(ctx.run_dir))
+"""
+
+
+def test_two_runs_at_once_do_not_interfere_and_one_folder_has_one_driver(tmp_path):
+    """Two runs in different folders start together on a fresh shared cache (kernel spec made
+    by both at once); a third command on the first folder is refused while it runs."""
+    d = tmp_path / "nbs"
+    d.mkdir()
+    write_nb(d / "01_vector.ipynb", SLOW_STAGE)
+    env = cli_env(tmp_path, d)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    procs = [subprocess.Popen([sys.executable, "-m", "steerheal_utils", *["run", "--preset", "tiny", "--rounds", "1"],
+                               "--run-dir", str(run)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for run in runs]
+    try:
+        deadline = time.time() + 300
+        while not (runs[0] / "round_00" / "01_vector.ipynb").exists():
+            assert procs[0].poll() is None and time.time() < deadline, procs[0].stderr.read()[-3000:]
+            time.sleep(0.2)
+        third = run_cli(["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(runs[0])], tmp_path, d)
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert_one_clear_error(third, "run folder error:", f"{runs[0]} is in use by another steerheal process")
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    for run in runs:
+        assert (run / "round_00" / "done.txt").read_text() == str(run.resolve())
+        assert R.is_done(run, 0, "01_vector")
+
+
+# ====================================================================== end to end on the tiny preset
+# One uninterrupted 1-round run is the reference; the fault tests start from copies of its
+# finished stages where the fault is about a later stage, so each costs only what it tests.
+TINY = ["run", "--preset", "tiny", "--rounds", "1"]
+STAGE_FILES = {"04_heal": ["adapter", "heal.json", "heal_steps.csv", "heal_q1.json"],
+               "05_eval": ["eval.json", "eval_rows.jsonl"]}
+
+
+def metrics(run: Path) -> list[dict]:
+    """metrics.csv without its wall-clock column (the one thing a re-run cannot repeat)."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ref")
+    run = base / "run"
+    r = run_cli([*TINY, "--run-dir", str(run)], base, cache=base / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(R.is_done(run, 0, s) for s in R.STAGES)
+    return run
+
+
+def copy_until(ref: Path, dst: Path, last: str) -> Path:
+    """A run folder holding the reference's config and round 0 up to and including stage ``last``."""
+    import shutil
+
+    dst.mkdir(parents=True)
+    shutil.copy2(ref / "config.yaml", dst / "config.yaml")
+    shutil.copytree(ref / "round_00", dst / "round_00")
+    for s in R.STAGES[R.STAGES.index(last) + 1:]:
+        R.clear_done(dst, 0, s)
+        (dst / "round_00" / f"{s}.ipynb").unlink(missing_ok=True)
+        for name in STAGE_FILES.get(s, []):
+            p = dst / "round_00" / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return dst
+
+
+@pytest.mark.slow
+def test_kill_during_heal_resumes_to_the_same_metrics(tmp_path, reference):
+    """SIGKILL the whole driver process group while 04_heal runs; the same command resumes at
+    04_heal, leaves 01-03 untouched and ends with the reference's metrics.csv."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "steerheal_utils", *TINY, "--run-dir", str(run)]
+    env = cli_env(tmp_path)
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group: killpg hits the driver and all it started
+    try:
+        deadline = time.time() + 900
+        heal_nb = run / "round_00" / "04_heal.ipynb"
+        while not heal_nb.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(4.0)  # the 04_heal kernel is up and working
+        assert proc.poll() is None and not R.is_done(run, 0, "04_heal"), "04_heal finished before the kill"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert [R.is_done(run, 0, s) for s in R.STAGES] == [True, True, True, False, False]
+    stamps = {s: R.marker_path(run, 0, s).stat().st_mtime_ns for s in R.STAGES[:3]}
+    files = {p: p.stat().st_mtime_ns for p in (run / "round_00").iterdir()
+             if p.name in ("vector.safetensors", "completions.jsonl", "01_vector.ipynb", "03_filter.ipynb")}
+    time.sleep(2.0)  # the orphaned kernel notices its parent is gone within a second and exits
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "01_vector" not in r.stderr and "04_heal" in r.stderr  # resumed at the interrupted stage
+    assert {s: R.marker_path(run, 0, s).stat().st_mtime_ns for s in R.STAGES[:3]} == stamps
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    assert all(R.is_done(run, 0, s) for s in R.STAGES) and temp_leftovers(run) == []
+    assert metrics(run) == metrics(reference)
+    a, b = (d / "round_00" / "adapter" / "adapter_model.safetensors" for d in (run, reference))
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.slow
+def test_nan_in_heal_stops_the_round_with_nothing_marked(tmp_path, reference):
+    """A learning rate that genuinely overflows: the heal loss turns NaN on the second step."""
+    run = copy_until(reference, tmp_path / "run", "03_filter")
+    r = run_cli([*TINY, "--run-dir", str(run), "--set", "lr=1e30", "--set", "epochs=2", "--override-config"], tmp_path)
+    assert_one_clear_error(r, "round 00 04_heal failed: FloatingPointError", "NaN or inf appeared",
+                           str(run / "round_00" / "04_heal.ipynb"))
+    assert "nan" in r.stderr.lower() or "inf" in r.stderr.lower()
+    assert [R.is_done(run, 0, s) for s in R.STAGES] == [True, True, True, False, False]
+    assert not (run / "round_00" / "adapter").exists() and not (run / "round_00" / "heal.json").exists()
+    assert temp_leftovers(run) == []
+
+
+@pytest.mark.slow
+def test_filter_starvation_is_a_clear_message_with_counts(tmp_path, reference):
+    run = copy_until(reference, tmp_path / "run", "02_generate")
+    r = run_cli([*TINY, "--run-dir", str(run), "--set", "max_tail_ppl=1.0", "--override-config"], tmp_path)
+    assert_one_clear_error(r, "round 00 03_filter failed: TooFewKept", "filter starvation", "kept 0 of",
+                           "min_train=1")
+    assert not R.is_done(run, 0, "03_filter") and not (run / "round_00" / "adapter").exists()
+    assert temp_leftovers(run) == []
+
+
+@pytest.mark.slow
+def test_coherence_floor_stops_the_loop_and_records_why(tmp_path, reference):
+    run = copy_until(reference, tmp_path / "run", "04_heal")
+    args = ["run", "--preset", "tiny", "--rounds", "3", "--run-dir", str(run), "--set", "coh_floor=1.0"]
+    r = run_cli([*args, "--override-config"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stopping after round 00" in r.stderr and "coh_floor" in r.stderr
+    stop = json.loads((run / "stop.json").read_text())
+    assert stop["round"] == 0 and "coh_floor 1.0" in stop["reason"]
+    healed = [m for m in metrics(run) if m["stage"] == "healed"]
+    assert [m["stop_reason"] for m in healed] == [stop["reason"]]
+    assert "The loop stopped" in (run / "report.html").read_text()
+    assert not (run / "round_01").exists()
+    r = run_cli(args, tmp_path)  # the same command again: still stopped, nothing new runs
+    assert r.returncode == 0 and "stopp" in r.stderr and not (run / "round_01").exists()
+
+
+@pytest.mark.slow
+def test_truncated_adapter_of_an_earlier_round_names_the_file(tmp_path, reference):
+    run = copy_until(reference, tmp_path / "run", "05_eval")
+    f = run / "round_00" / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    r = run_cli(["run", "--preset", "tiny", "--rounds", "2", "--run-dir", str(run)], tmp_path)
+    assert_one_clear_error(r, "round 01 01_vector failed: RunFolderError", f"corrupted adapter file {f}",
+                           str(R.marker_path(run, 0, "04_heal")))
+    assert all(R.is_done(run, 0, s) for s in R.STAGES) and not any(R.is_done(run, 1, s) for s in R.STAGES)
