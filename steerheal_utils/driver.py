@@ -156,6 +156,7 @@ _HINTS = {  # what a stage's exception usually means, for the one-line summary
     "ModelLoadError": "the model could not be loaded",
     "EmbeddedModelError": "the embedded model could not be prepared",
     "RunFolderError": "an artifact of an earlier stage or round is missing or corrupted",
+    "FileNotFoundError": "an artifact of an earlier stage or round is missing",
     "FloatingPointError": "NaN or inf appeared (see README, 'When things go wrong')",
     "TooFewKept": "filter starvation: the filter kept fewer than min_train completions",
     "CalibrationError": "filter starvation: no dose tried kept enough completions",

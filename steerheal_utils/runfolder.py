@@ -160,25 +160,29 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+_REDO = ("To redo the stage that wrote it, delete that stage's marker (round_NN/.done/<stage>.json) "
+         "and re-run the same command: it and everything after it run again.")
+
+
 def read_json(path: Path | str, what: str | None = None) -> Any:
     """Load JSON with an error that names the file and what it should have been."""
     path = Path(path)
     if not path.exists():
-        raise RunFolderError(f"missing {what or 'file'}: {path}")
+        raise RunFolderError(f"missing {what or 'file'}: {path}. {_REDO}")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. Delete it and re-run the stage that writes it.") from None
+        raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. {_REDO}") from None
 
 
 def read_jsonl(path: Path | str, what: str | None = None) -> list[dict]:
     path = Path(path)
     if not path.exists():
-        raise RunFolderError(f"missing {what or 'file'}: {path}")
+        raise RunFolderError(f"missing {what or 'file'}: {path}. {_REDO}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. Delete it and re-run the stage that writes it.") from None
+        raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. {_REDO}") from None
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -186,8 +190,7 @@ def read_jsonl(path: Path | str, what: str | None = None) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise RunFolderError(f"corrupted {what or 'file'} {path} line {i}: {e}. "
-                                 "Delete it and re-run the stage that writes it.") from None
+            raise RunFolderError(f"corrupted {what or 'file'} {path} line {i}: {e}. {_REDO}") from None
     return rows
 
 
