@@ -185,7 +185,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15 minutes.
     "default": dict(
         model="smollm2-135m-instruct", n_contexts=64, max_new_tokens=64, gen_batch_size=32,
-        n_keep=48, gen_budget=128, calib_probes=16, calib_steps=4, lora_r=16,
+        # 02: probes at 0.01 kept 15/16, at 0.1 kept 1/16 (token soup, high tail perplexity), so the
+        # search range brackets that cliff; 4 log-steps give a 1.26x resolution. Budget at the
+        # unloaded 45-70 tok/s: 48 probes + ~40 collected rows of ~64 tokens, ~2.5 min with 03.
+        calib_lo=0.005, calib_hi=0.2, calib_probes=12, calib_steps=4, n_keep=40, gen_budget=96, lora_r=16,
         lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
         # heal: one step (8 rows x ~110 tokens, NLL + KL to base) measured 40-100 s on the 2
         # shared cores under load ~9 (a plain forward 6.5 s); unloaded ~4-5x less, so 2 epochs
