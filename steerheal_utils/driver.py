@@ -98,7 +98,8 @@ def kernel_name() -> str:
     name = f"steerheal-{tag}"
     base = cache_root() / "jupyter"
     spec = base / "kernels" / name / "kernel.json"
-    want = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    want = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=ERROR"],
             "display_name": f"steerheal ({sys.executable})", "language": "python",
             # A fixed hash seed: set and dict-of-str iteration orders are then the same in
             # every kernel, so a resumed run repeats exactly what an uninterrupted one does.
