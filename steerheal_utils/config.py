@@ -61,7 +61,7 @@ class Config:
     n_contexts: int = knob(256, "user messages (from the shipped contexts) used to extract the vector", lo=2)
 
     # --- 02 generate ---
-    dose: float | None = knob(None, "steering dose in units of the layer's mean residual norm; null = calibrate each round", lo=0.0)
+    dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate each round", lo=0.0)
     steer_positions: str = knob("all", "where the vector is added: every position, or from the assistant tag on", choices=("all", "generated"))
     dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0)
     temperature: float = knob(1.0, "sampling temperature", lo=0.0)
@@ -188,7 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 02: probes at 0.01 kept 15/16, at 0.1 kept 1/16 (token soup, high tail perplexity), so the
         # search range brackets that cliff; 4 log-steps give a 1.26x resolution. Budget at the
         # unloaded 45-70 tok/s: 48 probes + ~40 collected rows of ~64 tokens, ~2.5 min with 03.
-        calib_lo=0.005, calib_hi=0.2, calib_probes=12, calib_steps=4, n_keep=40, gen_budget=96, lora_r=16,
+        calib_lo=0.02, calib_hi=1.0, calib_probes=12, calib_steps=4, n_keep=40, gen_budget=96, lora_r=16,
         lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
         # heal: one step (8 rows x ~110 tokens, NLL + KL to base) measured 40-100 s on the 2
         # shared cores under load ~9 (a plain forward 6.5 s); unloaded ~4-5x less, so 2 epochs

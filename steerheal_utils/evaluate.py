@@ -668,7 +668,7 @@ def add_cli(p) -> None:
     p.add_argument("--adapters", nargs="*", default=[], help="peft adapter folders applied in order (all active)")
     p.add_argument("--vignettes", default=None, help="vignette JSONL with the tiny-mfv schema (default: the shipped classic set)")
     p.add_argument("--steer", default=None, help="steering vector (.safetensors written by 01_vector)")
-    p.add_argument("--dose", type=float, default=None, help="dose for --steer (fraction of the layer's mean residual norm)")
+    p.add_argument("--dose", type=float, default=None, help="dose for --steer (fraction of the layer's median residual norm)")
     p.add_argument("--system", default=None, help="system prompt (e.g. a persona) for every prompt")
     p.add_argument("--layout", default=d.eval_layout, choices=("tinymfv", "prefix"))
     p.add_argument("--think", type=int, default=d.think_tokens, help="greedy think tokens before the answer (0 = direct)")

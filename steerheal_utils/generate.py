@@ -1,7 +1,7 @@
 """Stage 02: sample steered completions of care-vs-authority dilemmas.
 
 Steering adds ``dose * r_L * v_L / ||v_L||`` to the output of every steered block (see
-:mod:`.vector`): **the dose is a fraction of the layer's mean residual norm**, so dose 0.1
+:mod:`.vector`): **the dose is a fraction of the layer's median residual norm**, so dose 0.1
 pushes each hidden state by a tenth of a typical hidden state's length along the persona
 axis, whatever the model.
 
@@ -392,7 +392,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
     gen_s = seconds["calibration"] + seconds["collection"]
     summary = {
         "round": ctx.round, "dose": dose, "dose_source": "config" if cal is None else "calibrated",
-        "dose_unit": "fraction of the layer's mean residual norm r_L (vector added: dose * r_L * v_L / |v_L|)",
+        "dose_unit": "fraction of the layer's median residual norm r_L (vector added: dose * r_L * v_L / |v_L|)",
         "below_target": bool(cal and cal.below_target), "calibration_path": cal.path if cal else [],
         "calib_target": cfg.calib_target, "n_generated": len(rows), "n_kept_02": reasons.get("keep", 0),
         "reasons_02": dict(reasons), "n_truncated": sum(r["truncated"] for r in rows),

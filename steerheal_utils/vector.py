@@ -6,7 +6,7 @@ negative persona, over many neutral user messages: v_L = mean(h_pos) - mean(h_ne
 The user message is the same for both, so v isolates the persona axis.
 
 Dose unit. :func:`steer` adds ``dose * r_L * v_L / ||v_L||`` at layer L, where ``r_L`` is
-the mean residual-stream norm of that layer measured during extraction (over every
+the median residual-stream norm of that layer measured during extraction (over every
 prompt position of the contexts). Dose 0.1 is thus a push of 10% of a typical hidden
 state's length along the axis, on any model, at any layer.
 """
@@ -35,7 +35,7 @@ class SteeringVector:
 
     Attributes:
         directions: layer index -> raw mean-difference vector v_L (float32, CPU).
-        resid_norms: layer index -> mean residual norm r_L (the dose unit).
+        resid_norms: layer index -> median residual norm r_L (the dose unit).
         meta: provenance (model, round, persona hash, number of contexts...).
 
     Example:
@@ -158,17 +158,19 @@ def capture_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int
 @torch.inference_mode()
 def last_token_states(model: nn.Module, tok, prompts: Sequence[list[int]], layers: Sequence[int],
                       batch_size: int = 16, progress: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-    """Hidden state at the last prompt token for each layer, and the mean residual norm per layer.
+    """Hidden state at the last prompt token for each layer, and the median residual norm per layer.
 
     Returns ``(states, resid_norms)``: ``states[L]`` is ``[n_prompts, d]`` float32 on CPU;
-    ``resid_norms[L]`` is the mean L2 norm over every real (non-pad) prompt position.
+    ``resid_norms[L]`` is the median L2 norm over every real (non-pad) prompt position. The median,
+    not the mean: a few attention-sink positions carry norms several times the typical one
+    (SmolLM2: a mean of ~650 against ~140 at the assistant tag), and the dose unit should be the
+    typical hidden state.
     """
     from tqdm.auto import tqdm
 
     dev = model_device(model)
     states = {layer: [] for layer in layers}
-    norm_sum = {layer: 0.0 for layer in layers}
-    n_pos = 0
+    norms: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     order = list(range(len(prompts)))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for b in tqdm(batches, desc="hidden states", disable=not progress, leave=False):
@@ -176,13 +178,12 @@ def last_token_states(model: nn.Module, tok, prompts: Sequence[list[int]], layer
         with capture_layers(model, layers) as store:
             model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
         m = mask.bool()
-        n_pos += int(m.sum())
         for layer in layers:
             h = store[layer].float()
             states[layer].append(h[:, -1].cpu())  # left padding: the assistant tag is last in every row
-            norm_sum[layer] += float(h.norm(dim=-1)[m].sum())
+            norms[layer].append(h.norm(dim=-1)[m].cpu())
     out = {layer: torch.cat(v) for layer, v in states.items()}
-    return out, {layer: norm_sum[layer] / max(n_pos, 1) for layer in layers}
+    return out, {layer: float(torch.cat(norms[layer]).median()) for layer in layers}
 
 
 def extract_vector(model: nn.Module, tok, user_messages: Sequence[str], pos_persona: str, neg_persona: str,
@@ -305,7 +306,7 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
     Args:
         model: a causal LM (plain or peft-wrapped).
         vector: the steering vector; ``None`` or ``dose == 0`` leaves the model untouched.
-        dose: in units of each layer's mean residual norm (module docstring).
+        dose: in units of each layer's median residual norm (module docstring).
         positions: ``"all"`` adds at every position, prompt included; ``"generated"`` from the
             assistant tag on (the last prompt position, where the vector was read, and every
             generated token).
@@ -452,7 +453,7 @@ def figures(sv: SteeringVector, details: dict):
     from plotly.subplots import make_subplots
 
     layers = sv.layers
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("‖v_L‖ and mean residual norm r_L", "projections onto v_L (pos vs neg)"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("‖v_L‖ and median residual norm r_L", "projections onto v_L (pos vs neg)"))
     fig.add_bar(x=layers, y=[sv.norms()[i] for i in layers], name="‖v_L‖", row=1, col=1)
     fig.add_scatter(x=layers, y=[sv.resid_norms[i] for i in layers], name="r_L", mode="lines+markers", row=1, col=1)
     for layer in layers:

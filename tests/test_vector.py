@@ -17,8 +17,12 @@ def test_batched_extraction_equals_one_by_one(tiny):
         assert abs(batched.resid_norms[layer] - single.resid_norms[layer]) < 1e-3 * single.resid_norms[layer]
 
 
-def test_vector_is_mean_difference_at_assistant_tag(tiny_llama):
-    model, tok = tiny_llama
+def test_vector_is_mean_difference_at_assistant_tag():
+    # A fresh model: output_hidden_states makes transformers leave recording hooks on the
+    # layers, which would confuse the hook-counting tests that share the session fixture.
+    from steerheal_utils.models import tiny_model
+
+    model, tok = tiny_model("llama", seed=0)
     layer = 2
     sv, details = V.extract_vector(model, tok, USERS[:2], "a helper", "a follower", [layer], batch_size=4)
     hs = []
