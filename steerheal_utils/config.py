@@ -100,6 +100,7 @@ class Config:
     narration_paraphrase: float = knob(0.8, "filter: persona word overlap of any sentence that counts as narration", lo=0.0, hi=1.0)
     max_boilerplate_hits: int = knob(2, "filter: this many assistant-boilerplate phrases or more is 'boilerplate'", lo=1)
     max_entropy_collapse: float = knob(0.15, "filter: fraction of positions where base is low-entropy on a repeated 3-gram", lo=0.0, hi=1.0)
+    min_prompt_overlap: float = knob(0.1, "filter: drop as off-topic if the completion uses less than this fraction of the prompt's content words", lo=0.0, hi=1.0)
     entropy_floor: float = knob(2.0, "filter: base-model entropy (nats) under which it counts as certain (small models keep a long tail: 1.5-1.8 nats inside a loop for SmolLM2-135M)", lo=0.0)
     min_train: int = knob(8, "stop the round if fewer completions are kept", lo=1)
 

@@ -71,6 +71,7 @@ DROP_REASONS: tuple[str, ...] = (
     "token_soup",        # non-words, mixed scripts, or a word salad with no function words
     "drift",             # one clause skeleton repeating with small changes
     "repetition",        # n-gram repeats (the precursor's gate), low windowed diversity, compressibility
+    "off_topic",         # fluent but unrelated to the prompt (steering pushes towards generic warm prose)
     "high_perplexity",   # base model's tail perplexity too high (model scores only)
     "entropy_collapse",  # base model near-certain on repeated tokens (model scores only)
     "boilerplate",       # assistant boilerplate ("I hope this helps", "feel free to ask")
@@ -110,6 +111,7 @@ class FilterThresholds:
     narration_overlap: float = 0.6  # persona word overlap of a self-describing sentence
     narration_paraphrase: float = 0.8  # persona word overlap of any sentence (a near paraphrase)
     max_boilerplate_hits: int = 2  # this many boilerplate phrases or more is "boilerplate"
+    min_prompt_overlap: float = 0.1  # fraction of the prompt's content words the completion uses
     max_tail_ppl: float = 50.0  # base-model perplexity over the completion's tail
     max_entropy_collapse: float = 0.15  # fraction of positions both low-entropy and repeated
     tail_frac: float = 0.25  # fraction of completion tokens that counts as the tail
@@ -349,6 +351,17 @@ _PERSONA_STOP = _FUNCTION_WORDS | {"someone", "somebody", "mean", "means", "mean
 def _content_stems(text: str) -> set[str]:
     text = re.sub(r"(\w)-(\w)", r"\1\2", text.lower())  # "well-being" == "wellbeing"
     return {_stem(w) for w in _words(text) if w not in _PERSONA_STOP and len(w) > 1}
+
+
+def prompt_overlap(prompt: str, completion: str) -> float:
+    """Fraction of the prompt's content-word stems that the completion uses.
+
+    A cheap relevance check: steered small models drift into fluent prose about nothing in
+    particular ("our team, our family, every moment..."), which every shape gate passes. On the
+    labelled set coherent answers use 0.15-0.86 of the prompt's content words.
+    """
+    p = _content_stems(prompt)
+    return len(p & _content_stems(completion)) / len(p) if p else 1.0
 
 
 def _sentences(text: str) -> list[str]:
@@ -720,6 +733,8 @@ def decide(scores: dict[str, Any], thresholds: FilterThresholds | None = None) -
         or _gt(s, "compression_ratio", t.max_compression_ratio)
     ):
         return "repetition"
+    if t.strict and _lt(s, "prompt_overlap", t.min_prompt_overlap):
+        return "off_topic"
     if _gt(s, "tail_ppl", t.max_tail_ppl):
         return "high_perplexity"
     if t.strict:
@@ -770,6 +785,7 @@ def filter_rows(
     out = []
     for row, comp, ms in zip(rows, completions, m_scores):
         scores = text_scores(comp, persona_pos=persona_pos, persona_neg=persona_neg)
+        scores["prompt_overlap"] = prompt_overlap(row["prompt"], comp) if row.get("prompt") else None
         scores.update(ms)
         reason = decide(scores, t)
         out.append({**row, **scores, "reason": reason, "keep": reason == "keep"})

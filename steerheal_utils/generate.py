@@ -366,7 +366,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
         rows = sample(model, tok, [pool[i]["text"] for i in picks], sv=sv, dose=dose, seed=seed, progress=True, **params)
         seconds[phase] += time.time() - t
         n_tok[phase] += sum(r["n_tokens"] + (not r["truncated"]) for r in rows)  # + the EOS step
-        return [{**r, "pool_index": i} for r, i in zip(rows, picks)]
+        return [{**r, "pool_index": i, "prompt": pool[i]["text"]} for r, i in zip(rows, picks)]  # prompt: the off-topic gate
 
     t0 = time.time()
     if cfg.dose is None:

@@ -350,3 +350,19 @@ def test_repeat_mask_and_filter_rows_with_model(tiny_lm):
     # A random model's perplexity is in the tens of thousands: the default gate drops it.
     strict = filter_rows(rows[:1], FilterThresholds(), model=model, tokenizer=tok)
     assert strict[0]["reason"] == "high_perplexity"
+
+
+def test_off_topic_gate():
+    from steerheal_utils.filter import decide, filter_rows, prompt_overlap
+
+    prompt = "Your manager tells you to skip the safety inspection so the shipment leaves on time. Do you?"
+    on = ("I would not skip the inspection. I'd tell my manager the shipment can wait an hour, because "
+          "a missed safety problem could hurt the drivers, and I'd offer to help finish the checks faster.")
+    off = ("Every morning our little family gathers around the table, sharing stories and laughter, and "
+           "the warmth of those moments carries us through the day with gratitude and joy.")
+    assert prompt_overlap(prompt, on) > 0.3 and prompt_overlap(prompt, off) == 0.0
+    assert prompt_overlap("", off) == 1.0  # nothing to compare against: never off-topic
+    kept, dropped = filter_rows([{"prompt": prompt, "completion": on}, {"prompt": prompt, "completion": off}])
+    assert kept["reason"] == "keep" and dropped["reason"] == "off_topic"
+    # Without the prompt the gate is skipped, as the model gates are without a model.
+    assert decide({**dropped, "prompt_overlap": None}) == "keep"
