@@ -80,10 +80,10 @@ class SteeringVector:
         from .runfolder import atomic_write_bytes
 
         tensors = {f"layer.{layer}": v.contiguous().float().cpu() for layer, v in self.directions.items()}
-        meta = {k: json.dumps(v) for k, v in self.meta.items()}
-        meta["resid_norms"] = json.dumps({str(k): v for k, v in self.resid_norms.items()})
-        meta["layers"] = json.dumps(self.layers)
-        atomic_write_bytes(path, save(tensors, metadata=meta))
+        # One metadata key holding sorted JSON: safetensors writes several keys in a per-process
+        # random order, and a resumed run should reproduce the file byte for byte.
+        doc = {"meta": self.meta, "resid_norms": {str(k): v for k, v in self.resid_norms.items()}, "layers": self.layers}
+        atomic_write_bytes(path, save(tensors, metadata={"steerheal": json.dumps(doc, sort_keys=True)}))
 
     @classmethod
     def load(cls, path: Path | str) -> "SteeringVector":
@@ -98,9 +98,13 @@ class SteeringVector:
                 dirs = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ValueError(f"{path} is not a readable safetensors vector file: {e}") from None
-        norms = {int(k): float(v) for k, v in json.loads(meta_raw.pop("resid_norms", "{}")).items()}
-        meta_raw.pop("layers", None)
-        meta = {k: json.loads(v) for k, v in meta_raw.items()}
+        if "steerheal" in meta_raw:
+            doc = json.loads(meta_raw["steerheal"])
+        else:  # files written before the single-key layout
+            doc = {"resid_norms": json.loads(meta_raw.pop("resid_norms", "{}")),
+                   "meta": {k: json.loads(v) for k, v in meta_raw.items() if k != "layers"}}
+        norms = {int(k): float(v) for k, v in doc["resid_norms"].items()}
+        meta = doc["meta"]
         if set(norms) != set(dirs):
             raise ValueError(f"{path}: residual norms missing for layers {sorted(set(dirs) - set(norms))}")
         bad = sorted(layer for layer in dirs if not (torch.isfinite(dirs[layer]).all() and math.isfinite(norms[layer])))
