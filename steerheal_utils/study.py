@@ -1,0 +1,625 @@
+"""The matched-controls study (issue #7): does the KL aggregate matter, across seeds?
+
+``python -m steerheal_utils study`` runs, then summarises, a grid of loop runs on the embedded
+model: arms ``rmse`` (kl_agg=rmse), ``mean`` (kl_agg=mean) and ``nll`` (reg=nll, no barrier),
+each for every seed, ``--rounds`` rounds, preset ``default``. Every arm gets the same config
+apart from its one override: same reference (kl_ref), lam, data budget, and the same tau
+*setting*: ``tau_mode=quantile`` for all (tau = the ``tau_quantile`` quantile of the
+per-sequence D measured after the LR warm-up). An absolute tau is not comparable across
+aggregates (brief section 1: the mean of a loop is ~4x smaller than its rmse), so a fixed
+tau=0.5 would let the barrier bite for one aggregate and not the other; a calibrated tau
+makes it bite on the same fraction of rows in both.
+
+Work shared between arms: round 0's 01_vector, 02_generate and 03_filter read only the base
+model, the seed and config keys outside the heal section, which are equal across arms (checked:
+:func:`check_shareable`). They run once per seed, in the first arm; their files and done markers
+are copied into the other arms' ``round_00`` before those run (``shared_from.json`` lists what
+was copied, with sha256). tests/test_study.py checks that a copied round is byte-identical to
+one computed in its own run. The controls (base, prompted, random vector) are evaluated in
+round 0 of every run by 05_eval; they do not depend on the arm, so the study reports them per
+seed from the first arm (and records how far the other arms' copies differ).
+
+Resumable: each run is driven by :func:`driver.run_loop`, which skips finished stages, so
+re-running the command continues where it stopped and then regenerates the outputs.
+
+Outputs (``--out``, default docs/study/): runs.csv, summary.csv, trajectory.png,
+ceo_outputs.json, study.json, results.md (see :func:`write_outputs`).
+
+Kept-data loop rate: the fraction of a round's *kept* completions (the rows 04_heal trained on)
+that a stricter copy of the filter's loop detectors (``heal.LOOP_REASONS``: degenerate_loop,
+affect_loop, token_soup, drift, repetition, entropy_collapse) would drop. Each loop gate is
+moved halfway from its 03 threshold toward the median score of the shipped coherent labelled
+rows (data/filter_labelled.jsonl); narration, refusal, word-count and perplexity gates are off.
+Kept rows passed the 03 gates, so this measures how close to looping the training data was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import config as C
+from .runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
+
+ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg": "mean"}, "nll": {"reg": "nll"}}
+COMMON: dict[str, Any] = {"tau_mode": "quantile"}  # see the module docstring: a calibrated tau for every arm
+
+# ``full`` is the issue's spec (preset default as it is). ``quick`` is a documented reduction, applied
+# equally to every arm, for when the full grid does not fit a compute budget: fewer vector contexts,
+# a smaller data budget per round (kept rows and completions), shorter completions, and a stratified
+# half of the vignettes (66 of 132). Dose search, heal recipe (epochs, lr, LoRA) and tau are unchanged.
+SCALES: dict[str, dict[str, Any]] = {
+    "full": {},
+    "quick": dict(n_contexts=32, n_keep=24, gen_budget=64, max_new_tokens=48, calib_probes=8,
+                  eval_max_rows=66, q1_prompts=4, heldout_max_new_tokens=48),
+}
+SHARED_STAGES = STAGES[:3]  # 01_vector, 02_generate, 03_filter
+METRICS = ("axis_logodds", "auth_nats", "care_nats", "coherence")
+CONTROL_STAGES = ("base", "prompted", "random")  # arm-independent, round 0
+CEO_ID = "heldout-ceo-logs"
+SUMMARY_KEYS = (*METRICS, "kept_loop_rate")
+
+
+class StudyError(C.ConfigError):
+    """A study setting that cannot work (unknown arm, arms that cannot share round 0, no runs to report)."""
+
+
+# ------------------------------------------------------------------ configs
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}-s{seed}"
+
+
+def arm_overrides(arm: str, seed: int, scale: str = "full", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config overrides of one run: the scale's reduction, ``extra`` (the same for every arm), the
+    common settings, the arm's one key, the seed."""
+    if arm not in ARMS:
+        raise StudyError(f"unknown arm {arm!r}; arms are {', '.join(ARMS)}")
+    if scale not in SCALES:
+        raise StudyError(f"unknown scale {scale!r}; scales are {', '.join(SCALES)}")
+    clash = set(extra or {}) & ({"seed"} | {k for a in ARMS.values() for k in a})
+    if clash:
+        raise StudyError(f"--set {sorted(clash)}: the study sets these per arm / seed itself")
+    return {**SCALES[scale], **COMMON, **(extra or {}), **ARMS[arm], "seed": int(seed)}
+
+
+def arm_config(arm: str, seed: int, scale: str = "full", preset: str = "default",
+               extra: dict[str, Any] | None = None) -> C.Config:
+    return C.resolve(preset, arm_overrides(arm, seed, scale, extra))
+
+
+def check_shareable(cfgs: Sequence[C.Config]) -> None:
+    """Raise StudyError unless the configs differ only in heal (04) keys: then 01-03 of round 0 are identical."""
+    from .heal import HEAL_KEYS
+
+    for other in cfgs[1:]:
+        diff = [k for k, v in cfgs[0].to_dict().items() if other.to_dict()[k] != v]
+        outside = [k for k in diff if k not in HEAL_KEYS]
+        if outside:
+            raise StudyError(f"arms differ in {outside}, which stages 01-03 read: round 0 cannot be shared")
+
+
+# ------------------------------------------------------------------ sharing round 0
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shared_files(src_round: Path) -> list[Path]:
+    """Files of ``src_round`` written by stages 01-03 (relative paths).
+
+    The driver writes a stage's marker after everything the stage wrote and before the next
+    stage starts, so 01-03's files are exactly those no newer than ``.done/03_filter.json``
+    (04/05 never rewrite them). Hidden temporary leftovers are skipped.
+    """
+    marker = src_round / ".done" / f"{SHARED_STAGES[-1]}.json"
+    if not marker.exists():
+        raise StudyError(f"{marker} is missing: round 0's {SHARED_STAGES[-1]} has not finished in {src_round.parent}")
+    limit = marker.stat().st_mtime_ns
+    out = []
+    for p in sorted(src_round.rglob("*")):
+        rel = p.relative_to(src_round)
+        if not p.is_file() or p.name.endswith(".tmp"):
+            continue
+        if rel.parts[0] == ".done":
+            if p.stem in SHARED_STAGES:
+                out.append(rel)
+        elif p.stat().st_mtime_ns <= limit:
+            out.append(rel)
+    return out
+
+
+def share_round0(src_run: Path, dst_run: Path) -> dict | None:
+    """Copy round 0's stage 01-03 files and markers from ``src_run`` into ``dst_run``.
+
+    Skipped (returns None) when ``dst_run`` already has round 0's 03 marker. The copy is made in
+    a scratch folder and renamed into place, so a crash leaves either no round_00 or a whole one;
+    a partial round_00 without the 03 marker (a crash inside a stage there) is replaced. Writes
+    ``dst_run/shared_from.json``.
+    """
+    src_run, dst_run = Path(src_run), Path(dst_run)
+    dst_round = dst_run / "round_00"
+    if (dst_round / ".done" / f"{SHARED_STAGES[-1]}.json").exists():
+        return None
+    src_round = src_run / "round_00"
+    files = shared_files(src_round)
+    with run_lock(dst_run):
+        scratch = dst_run / ".round_00.share.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        for rel in files:
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src_round / rel, scratch / rel)  # copy2 keeps mtimes: the 03-marker rule still holds
+        if dst_round.exists():
+            late = [s for s in STAGES[3:] if (dst_round / ".done" / f"{s}.json").exists()]
+            if late:
+                raise StudyError(f"{dst_round} has {late} done but not {SHARED_STAGES[-1]}: inconsistent, remove it")
+            shutil.rmtree(dst_round)
+        os.replace(scratch, dst_round)
+        rec = {"source": str(src_run.resolve()), "round": 0, "stages": list(SHARED_STAGES),
+               "copied": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "files": {str(rel): _sha256(dst_round / rel) for rel in files}}
+        atomic_write_json(dst_run / "shared_from.json", rec)
+    return rec
+
+
+# ------------------------------------------------------------------ running the grid
+def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], rounds: int, *,
+              scale: str = "full", preset: str = "default", extra: dict[str, Any] | None = None,
+              log=print) -> dict[str, str]:
+    """Run (or resume) every arm x seed; returns ``{run name: error message}`` for runs that failed.
+
+    Order: seed by seed (all arms of seed 0 first, so a partial study already compares arms);
+    within a seed, round 0's 01-03 in the first arm, copied to the others, then each arm's loop.
+    A failed stage (LoopError) is recorded and the study goes on; re-running retries it.
+    """
+    from .driver import LoopError, run_loop
+
+    study_dir = Path(study_dir)
+    errors: dict[str, str] = {}
+    for seed in seeds:
+        cfgs = {arm: arm_config(arm, seed, scale, preset, extra) for arm in arms}
+        check_shareable(list(cfgs.values()))
+        first = study_dir / run_name(arms[0], seed)
+        try:
+            log(f"study: seed {seed}: round 0 {', '.join(SHARED_STAGES)} in {first.name} (shared by {len(arms)} arms)")
+            run_loop(first, cfgs[arms[0]], 1, stages=SHARED_STAGES)
+        except LoopError as e:
+            for arm in arms:
+                errors[run_name(arm, seed)] = str(e)
+            _record_error(first, str(e))
+            log(f"study: seed {seed} failed in the shared stages: {e}")
+            continue
+        for arm in arms:
+            run = study_dir / run_name(arm, seed)
+            if arm != arms[0] and share_round0(first, run):
+                log(f"study: copied round 0 {', '.join(SHARED_STAGES)} from {first.name} into {run.name}")
+            try:
+                log(f"study: {run.name}: {rounds} rounds")
+                run_loop(run, cfgs[arm], rounds)
+                (run / "study_error.json").unlink(missing_ok=True)
+            except LoopError as e:
+                errors[run.name] = str(e)
+                _record_error(run, str(e))
+                log(f"study: {run.name} failed (recorded in study_error.json; re-running retries it):\n{e}")
+    return errors
+
+
+def _record_error(run: Path, msg: str) -> None:
+    atomic_write_json(run / "study_error.json", {"error": msg, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+# ------------------------------------------------------------------ the kept-data loop rate
+def strict_loop_thresholds(th=None, labelled: Iterable[dict] | None = None):
+    """03's thresholds with every loop gate moved halfway toward the median clean-text score.
+
+    Args:
+        th: the run's ``FilterThresholds`` (default: the config defaults).
+        labelled: rows with ``completion`` and ``label``; default the shipped labelled set. Rows whose
+            label starts with ``coherent`` give the clean reference (text scores only, so
+            entropy_collapse's reference is 0).
+
+    Returns:
+        ``(strict FilterThresholds, {gate field: (03 value, clean median, strict value)})``.
+    """
+    import dataclasses
+
+    from . import filter as F
+
+    th = th or F.FilterThresholds()
+    rows = list(labelled) if labelled is not None else F.labelled_rows()
+    clean = [F.text_scores(r["completion"]) for r in rows if str(r.get("label", "")).startswith("coherent")]
+    if not clean:
+        raise StudyError("no coherent labelled rows to take the clean reference from")
+    gates = {g[1]: g[0] for g in F.GATES if g[0] != "tail_ppl"}  # perplexity is not a loop detector
+    gates.update(max_exclaim_rate="exclaim_rate", max_script_mix="script_mix", max_char_repeat="char_repeat")
+    new, table = {}, {}
+    for field, key in gates.items():
+        ref = statistics.median(s[key] for s in clean) if key in clean[0] else 0.0
+        old = getattr(th, field)
+        new[field] = (old + ref) / 2
+        table[field] = (old, ref, new[field])
+    return dataclasses.replace(th, strict=True, **new), table
+
+
+def loop_reason(scores: dict, strict) -> str | None:
+    """The loop reason a strict gate gives a scored row, or None (narration, refusal, length and
+    perplexity gates switched off: only the loop detectors of ``heal.LOOP_REASONS`` count)."""
+    from . import filter as F
+    from .heal import LOOP_REASONS
+
+    shape = {**scores, "refusal": False, "narration_regex": False, "narration_self": 0.0, "narration_pos": 0.0,
+             "narration_neg": 0.0, "n_words": max(scores.get("n_words") or 0, strict.min_words),
+             "tail_ppl": None, "boilerplate_hits": 0}
+    r = F.decide(shape, strict)
+    return r if r in LOOP_REASONS else None
+
+
+def kept_loop_rate(rows: Sequence[dict], strict) -> float | None:
+    """Fraction of ``keep`` rows flagged by :func:`loop_reason`; None when nothing was kept."""
+    kept = [r for r in rows if r.get("keep") is True]
+    if not kept:
+        return None
+    return sum(loop_reason(r, strict) is not None for r in kept) / len(kept)
+
+
+# ------------------------------------------------------------------ collecting the runs
+def _num(v) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def collect_runs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """Every metrics row of every run (report.metric_rows), with arm, seed and the kept-data loop rate."""
+    from . import filter as F
+    from .report import metric_rows
+
+    out = []
+    for arm in arms:
+        for seed in seeds:
+            run = Path(study_dir) / run_name(arm, seed)
+            if not (run / "config.yaml").exists():
+                continue
+            strict, _ = strict_loop_thresholds(F.FilterThresholds.from_config(C.load_config(run / "config.yaml")))
+            rates: dict[int, float | None] = {}
+            for row in metric_rows(run):
+                rnd = row["round"]
+                if rnd not in rates:
+                    p = run / f"round_{rnd:02d}" / "completions.jsonl"
+                    rates[rnd] = kept_loop_rate(read_jsonl(p, "completions"), strict) if p.exists() else None
+                lr = rates[rnd] if row["stage"] in ("steered", "healed") else None
+                out.append({"arm": arm, "seed": seed, **row, "kept_loop_rate": lr})
+    return out
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int | None]:
+    """mean, sample sd (ddof=1; None for one value), min, max and n of the finite values."""
+    v = [x for x in (_num(x) for x in values) if x is not None]
+    if not v:
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None,
+            "min": min(v), "max": max(v), "n": len(v)}
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """One row per (arm, stage, round): mean / sd / min / max over seeds of :data:`SUMMARY_KEYS`.
+
+    The controls (base, prompted, random) do not depend on the arm: they are summarised once,
+    as arm ``all``, from the first arm's run of each seed.
+    """
+    first_arm = rows[0]["arm"] if rows else None
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["stage"] in CONTROL_STAGES:
+            if r["arm"] != first_arm:
+                continue
+            key = ("all", r["stage"], r["round"])
+        else:
+            key = (r["arm"], r["stage"], r["round"])
+        groups.setdefault(key, []).append(r)
+    order = {s: i for i, s in enumerate((*CONTROL_STAGES, "steered", "healed"))}
+    out = []
+    for (arm, stage, rnd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0],
+                                                                       order.get(kv[0][1], 9), kv[0][2])):
+        row: dict[str, Any] = {"arm": arm, "stage": stage, "round": rnd, "n_seeds": len({r["seed"] for r in rs})}
+        for k in SUMMARY_KEYS:
+            s = spread([r.get(k) for r in rs])
+            row.update({f"{k}_{m}": s[m] for m in ("mean", "sd", "min", "max")})
+        out.append(row)
+    return out
+
+
+def control_mismatch(rows: Sequence[dict]) -> float | None:
+    """Largest |difference| of a control metric between arms of the same seed (0 when identical)."""
+    ref: dict[tuple, float] = {}
+    worst = None
+    for r in rows:
+        if r["stage"] not in CONTROL_STAGES:
+            continue
+        for k in METRICS:
+            v = _num(r.get(k))
+            if v is None:
+                continue
+            key = (r["seed"], r["stage"], r["round"], k)
+            if key in ref:
+                worst = max(worst or 0.0, abs(ref[key] - v))
+            else:
+                ref[key] = v
+    return worst
+
+
+def ceo_outputs(study_dir: Path | str, arms: Sequence[str], seed: int) -> dict:
+    """Per arm: the healed model's greedy answer to the CEO/logs held-out prompt, per round (eval.json)."""
+    from .report import load_evals
+
+    out: dict[str, Any] = {"prompt_id": CEO_ID, "seed": seed, "prompt": None, "arms": {}}
+    for arm in arms:
+        run = Path(study_dir) / run_name(arm, seed)
+        answers = {}
+        for ev in load_evals(run) if run.exists() else []:
+            for h in ev.get("heldout") or []:
+                if h.get("id") == CEO_ID:
+                    out["prompt"] = h.get("prompt")
+                    answers[str(ev["round"])] = h.get("answer")
+        out["arms"][arm] = answers
+    return out
+
+
+def run_timings(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Stage seconds per run and round from the done markers; copied (shared) markers are listed apart."""
+    runs = {}
+    for arm in arms:
+        for seed in seeds:
+            run = Path(study_dir) / run_name(arm, seed)
+            if not run.exists():
+                continue
+            shared = read_json(run / "shared_from.json")["stages"] if (run / "shared_from.json").exists() else []
+            per_round, own = {}, 0.0
+            for d in sorted(run.glob("round_[0-9][0-9]")):
+                r = int(d.name[-2:])
+                secs = {}
+                for m in sorted((d / ".done").glob("*.json")):
+                    s = read_json(m).get("seconds")
+                    secs[m.stem] = s
+                    if s is not None and not (r == 0 and m.stem in shared):
+                        own += s
+                per_round[str(r)] = secs
+            err = run / "study_error.json"
+            runs[run.name] = {"stage_seconds": per_round, "shared_round0_stages": shared, "seconds_own": round(own, 1),
+                              "error": read_json(err).get("error") if err.exists() else None,
+                              "stop": read_json(run / "stop.json") if (run / "stop.json").exists() else None}
+    return runs
+
+
+# ------------------------------------------------------------------ writing the outputs
+def _csv(rows: Sequence[dict], cols: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(cols), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r.get(k), float) else r[k]) for k in cols})
+    return buf.getvalue()
+
+
+def _fmt(s: dict, k: str, digits: int = 3) -> str:
+    m, lo, hi = s.get(f"{k}_mean"), s.get(f"{k}_min"), s.get(f"{k}_max")
+    if m is None:
+        return "–"
+    if s.get("n_seeds", 1) > 1 and lo is not None and hi is not None and hi > lo:
+        return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return f"{m:.{digits}f}"
+
+
+def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict) -> str:
+    """The README table (first and last round, healed per arm, plus the controls) and the CEO appendix."""
+    rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"})
+    first, last = (rounds[0], rounds[-1]) if rounds else (0, 0)
+    lines = [f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['rounds']} rounds, seeds "
+             f"{', '.join(map(str, meta['seeds']))}; every cell is the mean over seeds [min, max]. "
+             f"`kept loop` is the fraction of the round's kept (trained-on) rows that a stricter loop gate flags "
+             f"(defined in `study.json`, `loop_rate_definition`). Produced by `{meta['command']}`.", "",
+             "| arm | stage | round | axis probe (log-odds care vs auth) | auth_nats | care_nats | coherence | kept loop |",
+             "|---|---|---|---|---|---|---|---|"]
+    pick = [r for r in summary if r["stage"] in CONTROL_STAGES]
+    pick += [r for r in summary if r["stage"] == "steered" and r["round"] == first]
+    pick += [r for r in summary if r["stage"] == "healed" and r["round"] in (first, last)]
+    for r in pick:
+        lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | {_fmt(r, 'axis_logodds')} | {_fmt(r, 'auth_nats')} | "
+                     f"{_fmt(r, 'care_nats')} | {_fmt(r, 'coherence', 4)} | {_fmt(r, 'kept_loop_rate', 2)} |")
+    lines += ["", f"Outputs over the loop: the healed model's greedy answer to the held-out prompt "
+              f"`{ceo['prompt_id']}` (seed {ceo['seed']}), per round.", "", f"> **Prompt:** {ceo.get('prompt') or ''}", ""]
+    if ceo.get("base") is not None:
+        lines += ["**base model**", "", "> " + _quote(ceo["base"]), ""]
+    for arm, answers in ceo["arms"].items():
+        for rnd, ans in sorted(answers.items(), key=lambda kv: int(kv[0])):
+            lines += [f"**{arm}, round {rnd}**", "", "> " + _quote(ans), ""]
+    return "\n".join(lines)
+
+
+def _quote(text: str | None) -> str:
+    return " ".join((text or "(empty)").split()).replace("|", "\\|")
+
+
+def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
+    """Per arm, healed mean over seeds with a min-max band, over rounds; controls as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    colors = {"rmse": "#2ca02c", "mean": "#d62728", "nll": "#9467bd"}
+    ref_style = {"base": ("black", "-"), "prompted": ("#1f77b4", "--"), "random": ("#7f7f7f", ":")}
+    panels = (("axis_logodds", "axis probe log-odds (up = care)", False, False),
+              ("auth_nats", "auth_nats (down = less authority)", False, False),
+              ("coherence", "1 - coherence (log; down = coherent)", True, True),
+              ("kept_loop_rate", "kept-data loop rate (strict gate)", False, False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"}) or [0]
+    for ax, (key, title, inv, logy) in zip(axes, panels):
+        def tr(v):
+            return None if v is None else max(1 - v, 1e-6) if inv else v
+        for arm in arms:
+            rs = sorted((r for r in summary if r["arm"] == arm and r["stage"] == "healed"), key=lambda r: r["round"])
+            pts = [(r["round"], tr(r[f"{key}_mean"]), tr(r[f"{key}_min"]), tr(r[f"{key}_max"])) for r in rs
+                   if r.get(f"{key}_mean") is not None]
+            if pts:
+                x, m, lo, hi = zip(*pts)
+                ax.plot(x, m, "o-", color=colors.get(arm), label=f"{arm} (healed)")
+                ax.fill_between(x, lo, hi, color=colors.get(arm), alpha=0.18, linewidth=0)
+        for stage, (c, ls) in ref_style.items():
+            r = next((r for r in summary if r["stage"] == stage and r.get(f"{key}_mean") is not None), None)
+            if r is not None:
+                ax.axhline(tr(r[f"{key}_mean"]), color=c, ls=ls, lw=1.2, label=stage)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)  # integer rounds, also when there is only one
+    axes[0].legend(fontsize=8)
+    fig.suptitle("healed model per arm: mean over seeds, band = min-max", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def base_ceo_answer(study_dir: Path, cfg: C.Config) -> str | None:
+    """The base model's greedy answer to the CEO prompt, computed once and cached in the study folder."""
+    path = Path(study_dir) / "base_heldout.json"
+    if path.exists():
+        return read_json(path).get("answers", {}).get(CEO_ID)
+    from .evaluate import heldout_answers, load_heldout
+    from .models import load_model
+
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    recs = heldout_answers(model, tok, load_heldout(), cfg.heldout_max_new_tokens, cfg.batch_size)[0]
+    atomic_write_json(path, {"model": cfg.model, "max_new_tokens": cfg.heldout_max_new_tokens,
+                             "answers": {r["id"]: r["answer"] for r in recs}})
+    return next((r["answer"] for r in recs if r["id"] == CEO_ID), None)
+
+
+def labelled_flag_rates(strict) -> dict:
+    """How often the strict loop gate flags the shipped labelled rows (text scores only), per label group."""
+    from . import filter as F
+
+    groups: dict[str, list[bool]] = {}
+    for r in F.labelled_rows():
+        label = str(r.get("label", "?"))
+        g = "coherent" if label.startswith("coherent") else "degenerate" if label.startswith("degenerate") else label
+        groups.setdefault(g, []).append(loop_reason(F.text_scores(r["completion"]), strict) is not None)
+    return {g: {"n": len(v), "flagged": sum(v) / len(v)} for g, v in sorted(groups.items())}
+
+
+def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], seeds: Sequence[int], *,
+                  rounds: int, scale: str, preset: str = "default", extra: dict[str, Any] | None = None,
+                  command: str = "", errors: dict | None = None) -> dict:
+    """Write runs.csv, summary.csv, trajectory.png, ceo_outputs.json, study.json and results.md into ``out``."""
+    from . import filter as F
+    from .driver import provenance
+    from .report import COLUMNS
+
+    study_dir, out = Path(study_dir), Path(out)
+    rows = collect_runs(study_dir, arms, seeds)
+    if not rows:
+        raise StudyError(f"no finished rounds under {study_dir} for arms {list(arms)} and seeds {list(seeds)}: "
+                         "run the study first (without --report-only)")
+    summary = summarize(rows)
+    atomic_write_text(out / "runs.csv", _csv(rows, ("arm", "seed", *COLUMNS, "kept_loop_rate")))
+    cols = ["arm", "stage", "round", "n_seeds", *[f"{k}_{m}" for k in SUMMARY_KEYS for m in ("mean", "sd", "min", "max")]]
+    atomic_write_text(out / "summary.csv", _csv(summary, cols))
+    atomic_write_bytes(out / "trajectory.png", trajectory_png(summary, arms))
+
+    cfg0 = arm_config(arms[0], seeds[0], scale, preset, extra)
+    ceo = ceo_outputs(study_dir, arms, seeds[0])
+    ceo["base"] = base_ceo_answer(study_dir, cfg0)
+    atomic_write_json(out / "ceo_outputs.json", ceo)
+
+    strict, table = strict_loop_thresholds(F.FilterThresholds.from_config(cfg0))
+    timings = run_timings(study_dir, arms, seeds)
+    meta = {
+        "scale": scale, "preset": preset, "rounds": rounds, "seeds": list(seeds), "arms": list(arms),
+        "command": command or f"python -m steerheal_utils study --scale {scale}",
+        "overrides": {"common": {**SCALES[scale], **COMMON, **(extra or {})}, "per_arm": {a: ARMS[a] for a in arms}, "seed": "seed=<seed>"},
+        "spread": "summary.csv: sd is the sample standard deviation (ddof=1) over seeds; min/max over seeds. "
+                  "results.md: mean [min, max].",
+        "controls": "base, prompted and random are arm-independent; summarised as arm 'all' from the first arm's run "
+                    "of each seed",
+        "control_max_abs_diff_between_arms": control_mismatch(rows),
+        "loop_rate_definition": {
+            "text": "fraction of a round's kept completions (keep=true, what 04_heal trained on) that a stricter copy "
+                    "of the filter's loop detectors (heal.LOOP_REASONS) drops; each loop gate moved halfway from its "
+                    "03 threshold toward the median score of the shipped coherent labelled rows; narration, refusal, "
+                    "word-count and perplexity gates off",
+            "gates": {k: {"filter": v[0], "clean_median": v[1], "strict": v[2]} for k, v in table.items()},
+            "labelled_flag_rates_text_only": labelled_flag_rates(strict),
+        },
+        "runs": timings,
+        "compute_seconds_total": round(sum(t["seconds_own"] for t in timings.values()), 1),
+        "errors": errors or {n: t["error"] for n, t in timings.items() if t["error"]},
+        "provenance": provenance(),
+    }
+    atomic_write_json(out / "study.json", meta)
+    atomic_write_text(out / "results.md", results_markdown(summary, ceo, meta) + "\n")
+    return meta
+
+
+# ------------------------------------------------------------------ command line
+def add_cli(p) -> None:
+    """``steerheal study``: run (or resume) the matched-controls study, then regenerate its outputs."""
+    p.add_argument("--study-dir", default="runs/study", help="where the run folders <arm>-s<seed> go (default runs/study)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds per run (default 4)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                   help="arms: rmse (kl_agg=rmse), mean (kl_agg=mean), nll (reg=nll, no barrier); default all")
+    p.add_argument("--scale", default="full", choices=list(SCALES),
+                   help="full = preset default as is (the issue's spec); quick = smaller data budget and half the "
+                        "vignettes, equal for every arm (see steerheal_utils/study.py SCALES)")
+    p.add_argument("--preset", default="default", choices=list(C.PRESETS), help=argparse.SUPPRESS)  # --preset tiny is for tests
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra config override applied to every arm alike (recorded in study.json)")
+    p.add_argument("--out", default="docs/study", help="where the compact results go (default docs/study)")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the outputs from existing run folders")
+    p.set_defaults(func=_cli_study)
+
+
+def _cli_study(args) -> int:
+    if len(set(args.arms)) != len(args.arms) or len(set(args.seeds)) != len(args.seeds):
+        raise C.ConfigError("--arms and --seeds must not repeat a value")
+    command = "python -m steerheal_utils study " + " ".join(
+        [f"--scale {args.scale}", f"--rounds {args.rounds}", "--seeds " + " ".join(map(str, args.seeds)),
+         "--arms " + " ".join(args.arms)] + ([f"--preset {args.preset}"] if args.preset != "default" else [])
+        + [f"--set {s}" for s in args.set])
+    extra = C.parse_overrides(args.set)
+    t0 = time.time()
+    errors = {}
+    if not args.report_only:
+        errors = run_study(args.study_dir, args.arms, args.seeds, args.rounds, scale=args.scale, preset=args.preset,
+                           extra=extra, log=lambda m: print(m, file=sys.stderr, flush=True))
+    meta = write_outputs(args.study_dir, args.out, args.arms, args.seeds, rounds=args.rounds, scale=args.scale,
+                         preset=args.preset, extra=extra, command=command, errors=errors)
+    print(json.dumps({"out": str(args.out), "runs": len(meta["runs"]), "compute_seconds_total": meta["compute_seconds_total"],
+                      "wall_seconds_this_call": round(time.time() - t0, 1), "errors": list(meta["errors"])}))
+    if meta["errors"]:
+        print("some runs failed; their messages are in study.json 'errors'. Re-run the same command to retry them.",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,139 @@
+"""The study runner on the tiny preset: outputs, resume without new work, and that sharing round 0
+between arms gives byte-identical files to computing them in the arm's own run."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steerheal_utils import config as C
+from steerheal_utils import filter as F
+from steerheal_utils import study
+from steerheal_utils.runfolder import STAGES
+
+
+# the same for every arm: a fixed dose skips the dose search, fewer vignettes and probe items
+FAST = ("--set", "dose=0.1", "--set", "eval_max_rows=7", "--set", "probe_max_items=4")
+EXTRA = {"dose": 0.1, "eval_max_rows": 7, "probe_max_items": 4}
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "STEERHEAL_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "steerheal_utils", "study", "--preset", "tiny", "--arms", "rmse", "mean",
+                           "--seeds", "0", "--rounds", "1", "--study-dir", str(tmp_path / "study"),
+                           "--out", str(tmp_path / "out"), *FAST, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def markers(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.glob("round_*/.done/*.json"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    r = cli(tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
+def test_outputs_exist_with_their_columns(tiny_study):
+    out = tiny_study / "out"
+    with open(out / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert {"arm", "seed", "round", "stage", "axis_logodds", "auth_nats", "care_nats", "coherence",
+            "kept_loop_rate"} <= set(runs[0])
+    assert {r["arm"] for r in runs} == {"rmse", "mean"}
+    assert {r["stage"] for r in runs} >= {"base", "prompted", "random", "steered", "healed"}
+    with open(out / "summary.csv") as f:
+        summ = list(csv.DictReader(f))
+    for k in ("axis_logodds", "auth_nats", "care_nats", "coherence", "kept_loop_rate"):
+        assert {f"{k}_mean", f"{k}_sd", f"{k}_min", f"{k}_max"} <= set(summ[0])
+    # controls once, as arm "all"; healed per arm; kept loop rate only on steered/healed rows
+    assert {(r["arm"], r["stage"]) for r in summ} == {("all", "base"), ("all", "prompted"), ("all", "random"),
+                                                      ("rmse", "steered"), ("rmse", "healed"),
+                                                      ("mean", "steered"), ("mean", "healed")}
+    healed = [r for r in summ if r["stage"] == "healed"]
+    assert all(r["kept_loop_rate_mean"] != "" and 0 <= float(r["kept_loop_rate_mean"]) <= 1 for r in healed)
+    assert (out / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ceo = json.loads((out / "ceo_outputs.json").read_text())
+    assert ceo["prompt_id"] == "heldout-ceo-logs" and set(ceo["arms"]) == {"rmse", "mean"}
+    assert set(ceo["arms"]["rmse"]) == {"0"} and isinstance(ceo["base"], str)
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["scale"] == "full" and meta["seeds"] == [0] and meta["arms"] == ["rmse", "mean"]
+    assert meta["overrides"]["common"]["tau_mode"] == "quantile" and meta["overrides"]["common"]["dose"] == 0.1
+    assert meta["control_max_abs_diff_between_arms"] == 0.0  # base/prompted/random do not depend on the arm
+    assert meta["runs"]["mean-s0"]["shared_round0_stages"] == list(study.SHARED_STAGES)
+    assert meta["runs"]["rmse-s0"]["shared_round0_stages"] == []
+    md = (out / "results.md").read_text()
+    assert "| rmse | healed | 0 |" in md and "heldout-ceo-logs" in md
+
+
+@pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
+def test_second_invocation_does_no_stage_work(tiny_study):
+    runs = [tiny_study / "study" / n for n in ("rmse-s0", "mean-s0")]
+    before = [markers(r) for r in runs]
+    assert all(len(b) == len(STAGES) for b in before)
+    r = cli(tiny_study)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [markers(r) for r in runs] == before
+    assert json.loads(r.stdout.strip().splitlines()[-1])["errors"] == []
+
+
+@pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
+def test_shared_round0_is_byte_identical_to_its_own(tiny_study, tmp_path):
+    """The arm that got round 0's 01-03 by copy has the same bytes an own computation gives."""
+    from steerheal_utils.driver import run_loop
+
+    copied = tiny_study / "study" / "mean-s0"
+    rec = json.loads((copied / "shared_from.json").read_text())
+    assert rec["source"].endswith("rmse-s0") and "completions.jsonl" in rec["files"]
+    assert "adapter/adapter_model.safetensors" not in rec["files"] and ".done/04_heal.json" not in rec["files"]
+    own = tmp_path / "own"
+    run_loop(own, study.arm_config("mean", 0, "full", "tiny", EXTRA), 1, stages=study.SHARED_STAGES)
+    for name in ("completions.jsonl", "vector.safetensors"):
+        assert (own / "round_00" / name).read_bytes() == (copied / "round_00" / name).read_bytes(), name
+
+
+def test_arms_differ_only_in_their_heal_key():
+    cfgs = [study.arm_config(a, 1, "quick") for a in study.ARMS]
+    study.check_shareable(cfgs)
+    diff = {k for c in cfgs[1:] for k in C.config_diff(cfgs[0], c)}
+    assert {d.split(":")[0] for d in diff} == {"kl_agg", "reg"}
+    assert all(c.tau_mode == "quantile" and c.seed == 1 for c in cfgs)
+    with pytest.raises(study.StudyError, match="max_new_tokens"):
+        study.check_shareable([cfgs[0], C.validate({**cfgs[0].to_dict(), "max_new_tokens": 7})])
+
+
+def test_strict_loop_gate_is_halfway_and_flags_a_near_loop():
+    th = F.FilterThresholds()
+    lab = [{"label": "coherent_x", "completion": "I would talk to my manager first and then decide what to do about it."}]
+    strict, table = study.strict_loop_thresholds(th, lab)
+    ref = F.text_scores(lab[0]["completion"])["min_window_distinct"]
+    assert strict.min_window_distinct == pytest.approx((th.min_window_distinct + ref) / 2)
+    assert strict.max_lrs_frac == pytest.approx(th.max_lrs_frac / 2 + F.text_scores(lab[0]["completion"])["lrs_frac"] / 2)
+    assert table["max_ngram_repeat"][0] == th.max_ngram_repeat
+    clean = {**F.text_scores("Tell the manager that the logs must stay, because people rely on the record being true "
+                             "and honest about what happened."), "keep": True}
+    near = {**clean, "ngram_repeat": 0.2}  # passes 03's 0.3 gate, not the strict ~0.15
+    assert F.decide(near, th) == "keep" and study.loop_reason(near, strict) == "repetition"
+    assert study.loop_reason(clean, strict) is None
+    assert study.kept_loop_rate([clean, near, {**near, "keep": False}], strict) == 0.5
+    assert study.kept_loop_rate([{**near, "keep": False}], strict) is None
+
+
+def test_spread_and_summary_group_controls_once():
+    assert study.spread([1.0, 2.0, 3.0]) == {"mean": 2.0, "sd": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert study.spread([None, ""])["n"] == 0
+    rows = [{"arm": a, "seed": s, "round": 0, "stage": st, "axis_logodds": v, "auth_nats": -1.0, "care_nats": -2.0,
+             "coherence": 0.9, "kept_loop_rate": None}
+            for a in ("rmse", "mean") for s, v in ((0, 1.0), (1, 3.0)) for st in ("base", "healed")]
+    summ = study.summarize(rows)
+    assert [(r["arm"], r["stage"]) for r in summ] == [("all", "base"), ("mean", "healed"), ("rmse", "healed")]
+    assert summ[0]["n_seeds"] == 2 and summ[0]["axis_logodds_mean"] == 2.0 and summ[0]["axis_logodds_max"] == 3.0
+    assert study.control_mismatch(rows) == 0.0
+    next(r for r in rows if (r["arm"], r["seed"], r["stage"]) == ("mean", 0, "base"))["axis_logodds"] = 1.5
+    assert study.control_mismatch(rows) == pytest.approx(0.5)  # mean-s0's base now differs from rmse-s0's
