@@ -183,18 +183,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_batch_size=4, max_seq_len=256, q1_prompts=4, eval_max_rows=14, heldout_max_new_tokens=8,
         controls=["prompted", "random"], probe_max_items=8,
     ),
-    # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15 minutes.
+    # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
+    # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
+    # took 11 min, heal 12 steps 4 min. Per round now: 64 vector prompts; 4 probe calls of 16 x 48
+    # tokens, then collection to 24 kept of at most 64; heal 2 epochs x 3 steps of 8 rows.
     "default": dict(
-        model="smollm2-135m-instruct", n_contexts=64, max_new_tokens=64, gen_batch_size=32,
-        # 02: probes at 0.01 kept 15/16, at 0.1 kept 1/16 (token soup, high tail perplexity), so the
-        # search range brackets that cliff; 4 log-steps give a 1.26x resolution. Budget at the
-        # unloaded 45-70 tok/s: 48 probes + ~40 collected rows of ~64 tokens, ~2.5 min with 03.
-        calib_lo=0.02, calib_hi=1.0, calib_probes=12, calib_steps=4, n_keep=40, gen_budget=96, lora_r=16,
-        lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
-        # heal: one step (8 rows x ~110 tokens, NLL + KL to base) measured 40-100 s on the 2
-        # shared cores under load ~9 (a plain forward 6.5 s); unloaded ~4-5x less, so 2 epochs
-        # (12 steps) is ~2 min. Few steps, so a larger LoRA learning rate than at 4B.
-        epochs=2, lr=5e-4, q1_prompts=8,
+        model="smollm2-135m-instruct", n_contexts=32, max_new_tokens=48, gen_batch_size=32,
+        # 02: at the median-norm unit, 0.02 kept 8/12 (4 off-topic) and 0.14 kept 2/12, so the
+        # range reaches below 0.02 for a dose that meets the target.
+        calib_lo=0.005, calib_hi=0.3, calib_probes=16, calib_steps=3, n_keep=24, gen_budget=64,
+        lora_r=16, lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
+        # heal: few steps, so a larger LoRA learning rate than at 4B.
+        epochs=2, lr=5e-4, q1_prompts=4,
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(

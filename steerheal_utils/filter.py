@@ -914,6 +914,7 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
     set (NaN written as null). Returns ``(scored rows, summary + "labelled_rows")``. Call
     :func:`require_min_train` afterwards to stop a round with too few rows kept.
     """
+    import json
     import time
 
     from .models import render_prompt
@@ -929,10 +930,17 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
     scored = filter_rows(rows, th, model=model, tokenizer=tok, prompts=[r["prompt_text"] for r in rows], **kw)
     atomic_write_jsonl(ctx.path("completions.jsonl"), scored)
     t1 = time.time()
-    lab = labelled_rows()
-    lab_scored = filter_rows(lab, th, model=model, tokenizer=tok,
-                             prompts=[render_prompt(tok, r["prompt"]) for r in lab], **kw)
-    pr = precision_recall(lab_scored)
+    # The base model and the thresholds do not change between rounds, so neither does the
+    # labelled-set result: round 0's is reused when its thresholds match.
+    first = ctx.run_dir / "round_00" / "filter.json"
+    cached = json.loads(first.read_text()) if ctx.round > 0 and first.exists() else None
+    if cached and cached.get("thresholds") == _finite_or_none(dataclasses.asdict(th)) and cached.get("labelled"):
+        pr, lab_scored = cached["labelled"], []
+    else:
+        lab = labelled_rows()
+        lab_scored = filter_rows(lab, th, model=model, tokenizer=tok,
+                                 prompts=[render_prompt(tok, r["prompt"]) for r in lab], **kw)
+        pr = precision_recall(lab_scored)
     summary = {
         "round": ctx.round, "n": len(scored), "n_kept": sum(r["keep"] for r in scored),
         "reasons": reason_counts(scored), "min_train": cfg.min_train, "thresholds": dataclasses.asdict(th),

@@ -56,13 +56,14 @@ ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg"
 COMMON: dict[str, Any] = {"tau_mode": "quantile"}  # see the module docstring: a calibrated tau for every arm
 
 # ``full`` is the spec (preset default as it is). ``quick`` is a documented reduction, applied
-# equally to every arm, for when the full grid does not fit a compute budget: fewer vector contexts,
-# a smaller data budget per round (kept rows and completions), shorter completions, and a stratified
-# half of the vignettes (66 of 132). Dose search, heal recipe (epochs, lr, LoRA) and tau are unchanged.
+# equally to every arm, for when the full grid does not fit a compute budget: a coarser dose search
+# (3 probe calls of 12), a smaller data budget per round (16 kept of at most 48), shorter held-out
+# answers and a stratified half of the vignettes (66 of 132). Heal recipe (epochs, lr, LoRA) and
+# tau are unchanged.
 SCALES: dict[str, dict[str, Any]] = {
     "full": {},
-    "quick": dict(n_contexts=32, n_keep=24, gen_budget=64, max_new_tokens=48, calib_probes=8,
-                  eval_max_rows=66, q1_prompts=4, heldout_max_new_tokens=48),
+    "quick": dict(calib_probes=12, calib_steps=2, n_keep=16, gen_budget=48, eval_max_rows=66,
+                  heldout_max_new_tokens=32),
 }
 SHARED_STAGES = STAGES[:3]  # 01_vector, 02_generate, 03_filter
 METRICS = ("axis_logodds", "auth_nats", "care_nats", "coherence")
