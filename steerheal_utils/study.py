@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import config as C
+from .embedded import sha256
 from .runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
 
 ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg": "mean"}, "nll": {"reg": "nll"}}
@@ -111,14 +111,6 @@ def check_shareable(cfgs: Sequence[C.Config]) -> None:
 
 
 # ------------------------------------------------------------------ sharing round 0
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shared_files(src_round: Path) -> list[Path]:
     """Files of ``src_round`` written by stages 01-03 (relative paths).
 
@@ -171,7 +163,7 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
         os.replace(scratch, dst_round)
         rec = {"source": str(src_run.resolve()), "round": 0, "stages": list(SHARED_STAGES),
                "copied": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "files": {str(rel): _sha256(dst_round / rel) for rel in files}}
+               "files": {str(rel): sha256(dst_round / rel) for rel in files}}
         atomic_write_json(dst_run / "shared_from.json", rec)
     return rec
 

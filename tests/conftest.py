@@ -2,6 +2,9 @@
 
 import os
 import sys
+from pathlib import Path
+
+import nbformat
 
 import pytest
 import torch
@@ -37,3 +40,13 @@ def tiny(request, tiny_llama, tiny_gemma3):
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+def write_nb(path: Path, code: str) -> None:
+    """A stage notebook of one code cell after the parameters cell (fake stages for driver tests)."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell('run_dir = "x"\nround = 0')
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import write_nb
 
 from steerheal_utils import config as C
 from steerheal_utils import stage
@@ -48,13 +49,6 @@ def test_tiny_round_writes_the_contract_and_resumes(tmp_path, only_vector_nb):
 
 
 
-def write_nb(path: Path, code: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    p = nbformat.v4.new_code_cell('run_dir = "x"\nround = 0')
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [p, nbformat.v4.new_code_cell(code)]
-    nbformat.write(nb, path)
 
 
 def test_resume_skips_finished_stages_and_continues(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import write_nb
 import torch
 
 from steerheal_utils import config as C
@@ -560,13 +561,6 @@ def test_concurrent_first_use_converts_once(tmp_path):
 
 
 # ====================================================================== stage failures through the driver (fake stages)
-def write_nb(path: Path, code: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    p = nbformat.v4.new_code_cell('run_dir = "x"\nround = 0')
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [p, nbformat.v4.new_code_cell(code)]
-    nbformat.write(nb, path)
 
 
 FAULTY_STAGE = """
