@@ -192,6 +192,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 02: at the median-norm unit, 0.02 kept 8/12 (4 off-topic) and 0.14 kept 2/12, so the
         # range reaches below 0.02 for a dose that meets the target.
         calib_lo=0.005, calib_hi=0.3, calib_probes=16, calib_steps=3, n_keep=24, gen_budget=64,
+        # SmolLM2's 48-token answers are loosely on-topic even unsteered: at dose 0.005 the 0.1
+        # overlap gate dropped 6/16 and no dose reached 0.75. Overlap 0 (unrelated prose, what
+        # strong steering produces) is still dropped at 0.05, and the target sits below the
+        # unsteered keep rate so the search can find a dose that steers.
+        min_prompt_overlap=0.05, calib_target=0.6,
         lora_r=16, lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
         # heal: few steps, so a larger LoRA learning rate than at 4B.
         epochs=2, lr=5e-4, q1_prompts=4,
