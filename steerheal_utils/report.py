@@ -263,7 +263,8 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
                 ax.plot(x, y, "o-", color=COLORS[stage], label=stage)
         ax.set_title(f"A: {key}")
         ax.set_xlabel("round")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # an empty run folder has nothing to label
+        axes[0].legend(fontsize=8)
     ax = axes[3]
     for stage in ("steered", "healed"):
         x, c = _series(rows, stage, "coherence")
