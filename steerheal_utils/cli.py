@@ -18,7 +18,10 @@ from . import config as C
 def _run(args) -> int:
     from .driver import run_loop
 
-    cfg = C.resolve(args.preset, args.set)
+    overrides = C.parse_overrides(args.set)
+    if args.config:  # a saved config (e.g. another run's config.yaml): its keys, then --set
+        overrides = {**C.load_config(args.config).to_dict(), **overrides}
+    cfg = C.resolve(args.preset, overrides)
     run_loop(args.run_dir, cfg, args.rounds, override=args.override_config)
     print(f"run folder: {args.run_dir}", file=sys.stderr)
     return 0
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="default", choices=list(C.PRESETS))
     r.add_argument("--rounds", type=int, default=3, help="rounds in total (1..100); more than before continues a run")
     r.add_argument("--run-dir", required=True)
+    r.add_argument("--config", metavar="YAML", help="start from a saved config (e.g. another run's config.yaml) instead of the preset")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--override-config", action="store_true", help="continue an existing run with a changed config")
     r.set_defaults(func=_run)

@@ -53,6 +53,7 @@ class Config:
     pos_persona: str = knob(POS_PERSONA, "persona whose direction is added (system prompt)")
     neg_persona: str = knob(NEG_PERSONA, "persona whose direction is subtracted (system prompt)")
     batch_size: int = knob(16, "forward batch size for extraction, scoring and eval", lo=1)
+    threads: int = knob(0, "CPU threads torch uses in each stage; 0 = torch's default (one per core). Results can differ in the last bits between thread counts", lo=0)
 
     # --- 01 vector ---
     layer_lo: float = knob(0.45, "steered depth band: first layer at this fraction of depth", lo=0.0, hi=1.0)

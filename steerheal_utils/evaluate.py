@@ -560,6 +560,41 @@ def _has_adapter(d: Path) -> bool:
     return (d / "adapter_config.json").exists() and (d / "adapter_model.safetensors").exists()
 
 
+EVAL_STAGE_DIR = "eval_stages"  # round_NN/eval_stages/<stage>.json: one finished model's result
+
+
+def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vector: Path | None,
+                      dose: float | None, system: str | None) -> str:
+    """sha256 over everything one stage's eval reads: the config outside the heal keys, the stage's
+    seed, the active adapters' files, the vector file, the dose and the system prompt.
+
+    Two evaluations with the same fingerprint compute the same thing, so a finished stage's
+    result can be reused: after a crash inside 05, and by the study, whose arms share round 0's
+    base, controls and steered model (they differ only in heal keys and in the adapter).
+    """
+    import hashlib
+
+    from .embedded import sha256
+    from .heal import HEAL_KEYS
+
+    doc = {"schema": 1, "stage": name, "seed": seed, "dose": dose if vector is not None else None, "system": system,
+           "config": {k: v for k, v in cfg.to_dict().items() if k not in HEAL_KEYS},
+           "vector": sha256(vector) if vector is not None else None,
+           "adapters": [{f.name: sha256(f) for f in sorted(Path(d).iterdir()) if f.is_file()} for d in adapters]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached_stage(path: Path, fingerprint: str) -> dict | None:
+    """The saved result at ``path`` when its fingerprint matches; None otherwise (or unreadable)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint or "summary" not in doc or "rows" not in doc:
+        return None
+    return doc
+
+
 def run_stage(ctx, progress: bool = True) -> dict:
     """05_eval: evaluate this round's stages and write ``round_NN/eval.json`` + ``eval_rows.jsonl``.
 
@@ -568,7 +603,9 @@ def run_stage(ctx, progress: bool = True) -> dict:
     (persona as system prompt) and ``random`` (random vector with the same per-layer norms and
     dose; every round if ``controls_every_round``). The base weights are loaded once; stages
     switch adapters and hooks. Stages whose inputs are missing (no vector, no dose, no
-    adapter yet) are skipped with a note.
+    adapter yet) are skipped with a note. Each finished stage is saved to
+    ``round_NN/eval_stages/<stage>.json`` with its :func:`stage_fingerprint`; a stage whose saved
+    fingerprint matches is read back instead of recomputed (noted in ``notes``).
     """
     from . import models
     from .runfolder import atomic_write_json, atomic_write_jsonl, round_dir
@@ -617,11 +654,20 @@ def run_stage(ctx, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     stages, all_rows = {}, []
+    stack = dirs + ([own] if healed_ok else [])
     # one bar over the stages: per-batch bars would store dozens of widgets in the executed notebook
     for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
-        with active_adapters(model, k), steer(model, vec, dose or 0.0):
-            res = evaluate_model(model, tok, rows, system=system, **kw)
-        res["summary"]["dose"] = dose if vec is not None else 0.0
+        fp = stage_fingerprint(cfg, ctx.seed, name, stack[:k], vec_path if vec is not None else None, dose, system)
+        saved_at = ctx.path(f"{EVAL_STAGE_DIR}/{name}.json")
+        res = _cached_stage(saved_at, fp)
+        if res is not None:
+            notes.append(f"{name}: read from {EVAL_STAGE_DIR}/{name}.json (same fingerprint: same inputs), not recomputed")
+        else:
+            with active_adapters(model, k), steer(model, vec, dose or 0.0):
+                res = evaluate_model(model, tok, rows, system=system, **kw)
+            res["summary"]["dose"] = dose if vec is not None else 0.0
+            saved_at.parent.mkdir(exist_ok=True)
+            atomic_write_json(saved_at, {"fingerprint": fp, "summary": res["summary"], "rows": res["rows"]}, indent=None)
         stages[name] = res["summary"]
         all_rows += [{"stage": name, **row} for row in res["rows"]]
         print(f"{name}: auth_nats {res['summary']['auth_nats']:.3f}  care_nats {res['summary']['care_nats']:.3f}  "

@@ -108,8 +108,8 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+def atomic_write_json(path: Path | str, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
 def atomic_write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:

@@ -116,6 +116,8 @@ def open_stage(stage: str, namespace: dict[str, Any]) -> StageContext:
         cfg = C.resolve(params.get("preset", "default"), overrides)
         init_run(run_dir, cfg)
     _plotly_renderer()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed = stage_seed(cfg.seed, rnd, stage)
     seed_everything(seed)
     ctx = StageContext(stage, cfg, run_dir, rnd, seed, overrides)

@@ -15,12 +15,20 @@ model, the seed and config keys outside the heal section, which are equal across
 :func:`check_shareable`). They run once per seed, in the first arm; their files and done markers
 are copied into the other arms' ``round_00`` before those run (``shared_from.json`` lists what
 was copied, with sha256). tests/test_study.py checks that a copied round is byte-identical to
-one computed in its own run. The controls (base, prompted, random vector) are evaluated in
-round 0 of every run by 05_eval; they do not depend on the arm, so the study reports them per
-seed from the first arm (and records how far the other arms' copies differ).
+one computed in its own run. Round 0's evals of the base, the controls (prompted, random vector)
+and the steered model do not involve the arm's adapter either: 05_eval saves each model's result
+with a fingerprint of its inputs (``evaluate.stage_fingerprint``), the study copies those of the
+first arm, and the other arms' 05_eval reads them back because the fingerprints match.
 
-Resumable: each run is driven by :func:`driver.run_loop`, which skips finished stages, so
-re-running the command continues where it stopped and then regenerates the outputs.
+Parallel: each run is an ordinary ``steerheal run`` process; ``--jobs`` of them run at once
+(default one per core), each on one torch thread (``threads=1`` in every run's config, whatever
+``--jobs`` is, so results do not depend on it). On 2 cores two one-thread processes finish the
+grid faster than one two-thread process: prefill splits well over threads, but decoding small
+batches and the per-stage overhead (kernel start, imports, model load, Python-side filter
+scoring) do not.
+
+Resumable: every run resumes where it stopped (the driver skips finished stages), so
+re-running the command continues the grid and then regenerates the outputs.
 
 Outputs (``--out``, default docs/study/): runs.csv, summary.csv, trajectory.png,
 ceo_outputs.json, study.json, results.md (see :func:`write_outputs`).
@@ -43,6 +51,7 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,7 +62,9 @@ from .embedded import sha256
 from .runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
 
 ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg": "mean"}, "nll": {"reg": "nll"}}
-COMMON: dict[str, Any] = {"tau_mode": "quantile"}  # see the module docstring: a calibrated tau for every arm
+# tau_mode: see the module docstring (a calibrated tau for every arm). threads: runs go in parallel
+# processes (--jobs), one core each; fixed at 1 whatever --jobs is, so the numbers do not depend on it.
+COMMON: dict[str, Any] = {"tau_mode": "quantile", "threads": 1}
 
 # ``full`` is the issue's spec (preset default as it is). ``quick`` is a documented reduction, applied
 # equally to every arm, for when the full grid does not fit a compute budget: a coarser dose search
@@ -169,45 +180,138 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------ running the grid
+def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
+    """Copy round 0's saved per-stage evals of the arm-independent models (base, prompted, random,
+    steered: no adapter of the arm is active in them) from ``src_run`` into ``dst_run``.
+
+    05_eval reads a copied stage back only when its fingerprint (config outside the heal keys,
+    vector, dose, active adapters) matches what it would compute, so a copy can save work but
+    never change a result. Returns the stage names copied; records them in ``shared_from.json``.
+    """
+    from .evaluate import EVAL_STAGE_DIR
+
+    src = Path(src_run) / "round_00" / EVAL_STAGE_DIR
+    dst = Path(dst_run) / "round_00" / EVAL_STAGE_DIR
+    if (Path(dst_run) / "round_00" / ".done" / f"{STAGES[-1]}.json").exists() or not src.is_dir():
+        return []
+    copied = []
+    for name in (*CONTROL_STAGES, "steered"):
+        f = src / f"{name}.json"
+        if f.exists() and not (dst / f.name).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dst / f.name, f.read_bytes())
+            copied.append(name)
+    rec_path = Path(dst_run) / "shared_from.json"
+    if copied and rec_path.exists():
+        rec = read_json(rec_path)
+        rec["eval_stages"] = sorted(set(rec.get("eval_stages", [])) | set(copied))
+        atomic_write_json(rec_path, rec)
+    return copied
+
+
 def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], rounds: int, *,
               scale: str = "full", preset: str = "default", extra: dict[str, Any] | None = None,
-              log=print) -> dict[str, str]:
+              jobs: int = 1, log=print) -> dict[str, str]:
     """Run (or resume) every arm x seed; returns ``{run name: error message}`` for runs that failed.
 
-    Order: seed by seed (all arms of seed 0 first, so a partial study already compares arms);
-    within a seed, round 0's 01-03 in the first arm, copied to the others, then each arm's loop.
-    A failed stage (LoopError) is recorded and the study goes on; re-running retries it.
+    Each run is an ordinary ``steerheal run`` in its own process (log: ``<study_dir>/logs/``), at
+    most ``jobs`` at once. Per seed, the first arm's round 0 runs first; its 01-03 files and the
+    evals of its arm-independent models are then copied into the other arms' round_00
+    (:func:`share_round0`, :func:`share_round0_evals`), and every arm runs its ``rounds`` rounds.
+    Tasks start in order: all seeds' round 0 first, then the arms seed by seed (so a partial
+    study already compares arms). A failed run is recorded and the others go on; re-running
+    the command retries it.
     """
-    from .driver import LoopError, run_loop
+    from .driver import init_run, kernel_name
 
     study_dir = Path(study_dir)
-    errors: dict[str, str] = {}
+    cfgs = {(arm, seed): arm_config(arm, seed, scale, preset, extra) for seed in seeds for arm in arms}
     for seed in seeds:
-        cfgs = {arm: arm_config(arm, seed, scale, preset, extra) for arm in arms}
-        check_shareable(list(cfgs.values()))
+        check_shareable([cfgs[arm, seed] for arm in arms])
+    for (arm, seed), cfg in cfgs.items():
+        init_run(study_dir / run_name(arm, seed), cfg)  # refuses a folder started with another config
+    kernel_name()  # create the kernelspec once, before processes race to
+    (study_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    # (task name, run, rounds, dependency, what to do before starting)
+    tasks: list[tuple[str, str, int, str | None, Any]] = []
+    for seed in seeds:
+        tasks.append((f"{run_name(arms[0], seed)}:round0", run_name(arms[0], seed), 1, None, None))
+    for seed in seeds:
         first = study_dir / run_name(arms[0], seed)
-        try:
-            log(f"study: seed {seed}: round 0 {', '.join(SHARED_STAGES)} in {first.name} (shared by {len(arms)} arms)")
-            run_loop(first, cfgs[arms[0]], 1, stages=SHARED_STAGES)
-        except LoopError as e:
-            for arm in arms:
-                errors[run_name(arm, seed)] = str(e)
-            _record_error(first, str(e))
-            log(f"study: seed {seed} failed in the shared stages: {e}")
-            continue
         for arm in arms:
             run = study_dir / run_name(arm, seed)
-            if arm != arms[0] and share_round0(first, run):
-                log(f"study: copied round 0 {', '.join(SHARED_STAGES)} from {first.name} into {run.name}")
-            try:
-                log(f"study: {run.name}: {rounds} rounds")
-                run_loop(run, cfgs[arm], rounds)
-                (run / "study_error.json").unlink(missing_ok=True)
-            except LoopError as e:
-                errors[run.name] = str(e)
-                _record_error(run, str(e))
-                log(f"study: {run.name} failed (recorded in study_error.json; re-running retries it):\n{e}")
-    return errors
+            prep = None if arm == arms[0] else (lambda src=first, dst=run: _share(src, dst, log))
+            tasks.append((run.name, run.name, rounds, f"{first.name}:round0", prep))
+
+    errors: dict[str, str] = {}
+    done: set[str] = set()
+    running: dict[str, tuple[Any, Any, str]] = {}
+    pending = list(tasks)
+    try:
+        while pending or running:
+            for task in list(pending):
+                name, run, n, dep, prep = task
+                if dep is not None and dep in errors:
+                    pending.remove(task)
+                    errors.setdefault(run, errors[dep])
+                    continue
+                if len(running) >= max(1, jobs) or (dep is not None and dep not in done):
+                    continue
+                if any(r == run for (_, _, r) in running.values()):
+                    continue  # one process per run folder
+                pending.remove(task)
+                if prep is not None:
+                    prep()
+                log_path = study_dir / "logs" / f"{run}.log"
+                fh = open(log_path, "a")
+                cmd = [sys.executable, "-m", "steerheal_utils", "run", "--run-dir", str(study_dir / run),
+                       "--config", str(study_dir / run / "config.yaml"), "--rounds", str(n)]
+                fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(cmd)}\n")
+                fh.flush()
+                log(f"study: start {name} ({n} round{'s' if n > 1 else ''}; log {log_path})")
+                running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh, run)
+            for name, (proc, fh, run) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                fh.close()
+                del running[name]
+                if proc.returncode == 0:
+                    done.add(name)
+                    (study_dir / run / "study_error.json").unlink(missing_ok=True)
+                    log(f"study: done {name}")
+                else:
+                    msg = f"{name} exited with {proc.returncode}; last lines of {study_dir / 'logs' / (run + '.log')}:\n" \
+                          + _tail(study_dir / "logs" / f"{run}.log")
+                    errors[name] = errors[run] = msg
+                    _record_error(study_dir / run, msg)
+                    log(f"study: FAILED {msg}")
+            time.sleep(0.5)
+    finally:
+        for proc, fh, _ in running.values():  # interrupted: stop the children too (they resume next time)
+            proc.terminate()
+            proc.wait()
+            fh.close()
+    return {k: v for k, v in errors.items() if ":" not in k}
+
+
+def _share(first: Path, run: Path, log) -> None:
+    if share_round0(first, run):
+        log(f"study: copied round 0 {', '.join(SHARED_STAGES)} from {first.name} into {run.name}")
+    copied = share_round0_evals(first, run)
+    if copied:
+        log(f"study: copied round 0 evals of {', '.join(copied)} from {first.name} into {run.name}")
+
+
+def _wall_span(spans: Sequence[tuple[float, float]]) -> float | None:
+    return round(max(e for _, e in spans) - min(b for b, _ in spans), 1) if spans else None
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
 
 
 def _record_error(run: Path, msg: str) -> None:
@@ -384,18 +488,22 @@ def run_timings(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]
             if not run.exists():
                 continue
             shared = read_json(run / "shared_from.json")["stages"] if (run / "shared_from.json").exists() else []
-            per_round, own = {}, 0.0
+            per_round, own, span = {}, 0.0, []
             for d in sorted(run.glob("round_[0-9][0-9]")):
                 r = int(d.name[-2:])
                 secs = {}
                 for m in sorted((d / ".done").glob("*.json")):
-                    s = read_json(m).get("seconds")
+                    rec = read_json(m)
+                    s = rec.get("seconds")
                     secs[m.stem] = s
                     if s is not None and not (r == 0 and m.stem in shared):
                         own += s
+                        if rec.get("finished") is not None:
+                            span.append((rec["finished"] - s, rec["finished"]))
                 per_round[str(r)] = secs
             err = run / "study_error.json"
             runs[run.name] = {"stage_seconds": per_round, "shared_round0_stages": shared, "seconds_own": round(own, 1),
+                              "stage_spans": span,
                               "error": read_json(err).get("error") if err.exists() else None,
                               "stop": read_json(run / "stop.json") if (run / "stop.json").exists() else None}
     return runs
@@ -567,6 +675,10 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
         },
         "runs": timings,
         "compute_seconds_total": round(sum(t["seconds_own"] for t in timings.values()), 1),
+        "wall_seconds": _wall_span([sp for t in timings.values() for sp in t.pop("stage_spans")]),
+        "timing_note": "compute_seconds_total sums every stage's own seconds (runs in parallel processes overlap); "
+                       "wall_seconds is from the first stage's start to the last stage's end, pauses between "
+                       "sittings included",
         "errors": errors or {n: t["error"] for n, t in timings.items() if t["error"]},
         "provenance": provenance(),
     }
@@ -589,6 +701,8 @@ def add_cli(p) -> None:
     p.add_argument("--preset", default="default", choices=list(C.PRESETS), help=argparse.SUPPRESS)  # --preset tiny is for tests
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra config override applied to every arm alike (recorded in study.json)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs in parallel, one process (and one torch thread) each; default: one per CPU core")
     p.add_argument("--out", default="docs/study", help="where the compact results go (default docs/study)")
     p.add_argument("--report-only", action="store_true", help="only regenerate the outputs from existing run folders")
     p.set_defaults(func=_cli_study)
@@ -606,7 +720,7 @@ def _cli_study(args) -> int:
     errors = {}
     if not args.report_only:
         errors = run_study(args.study_dir, args.arms, args.seeds, args.rounds, scale=args.scale, preset=args.preset,
-                           extra=extra, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           extra=extra, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
     meta = write_outputs(args.study_dir, args.out, args.arms, args.seeds, rounds=args.rounds, scale=args.scale,
                          preset=args.preset, extra=extra, command=command, errors=errors)
     print(json.dumps({"out": str(args.out), "runs": len(meta["runs"]), "compute_seconds_total": meta["compute_seconds_total"],
