@@ -15,13 +15,18 @@ import sys
 from . import config as C
 
 
+def run_config(preset: str, config: str | None, sets: list[str]) -> C.Config:
+    """The config ``run`` uses: the preset, then a saved config file's keys (if given), then ``--set``."""
+    overrides = C.parse_overrides(sets)
+    if config:
+        overrides = {**C.load_config(config).to_dict(), **overrides}
+    return C.resolve(preset, overrides)
+
+
 def _run(args) -> int:
     from .driver import run_loop
 
-    overrides = C.parse_overrides(args.set)
-    if args.config:  # a saved config (e.g. another run's config.yaml): its keys, then --set
-        overrides = {**C.load_config(args.config).to_dict(), **overrides}
-    cfg = C.resolve(args.preset, overrides)
+    cfg = run_config(args.preset, args.config, args.set)
     run_loop(args.run_dir, cfg, args.rounds, override=args.override_config)
     print(f"run folder: {args.run_dir}", file=sys.stderr)
     return 0

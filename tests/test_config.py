@@ -60,3 +60,14 @@ def test_depth_band():
     assert C.resolve("tiny", ["layers=[3,1,3]"]).steered_layers(4) == [1, 3]
     with pytest.raises(C.ConfigError, match="out of range"):
         C.resolve("tiny", ["layers=[9]"]).steered_layers(4)
+
+
+def test_run_config_from_a_saved_file_then_set(tmp_path):
+    from steerheal_utils.cli import run_config
+
+    C.save_config(C.resolve("tiny", ["seed=7", "lr=0.00001"]), tmp_path / "config.yaml", {"git_commit": "abc"})
+    cfg = run_config("default", str(tmp_path / "config.yaml"), ["seed=9"])
+    assert cfg.model == "tiny:llama" and cfg.lr == 1e-5 and cfg.seed == 9  # the file beats the preset, --set beats the file
+    assert run_config("tiny", None, []) == C.resolve("tiny")
+    with pytest.raises(C.ConfigError, match="no config"):
+        run_config("tiny", str(tmp_path / "missing.yaml"), [])

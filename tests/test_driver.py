@@ -107,6 +107,21 @@ def test_notebook_parameters_are_validated_like_the_config(tmp_path):
         stage.open_stage("04_heal", {"run_dir": str(tmp_path), "round": -1})
 
 
+def test_threads_knob_sets_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        C.save_config(C.resolve("tiny", ["threads=1"]), tmp_path / "config.yaml")
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path), "round": 0})
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path), "round": 0, "threads": 0})  # 0 leaves torch alone
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_stage_seeds_differ_and_are_stable():
     a = stage.stage_seed(0, 0, "02_generate")
     assert a == stage.stage_seed(0, 0, "02_generate")

@@ -167,13 +167,53 @@ def test_stage_writes_eval_json(tmp_path):
     peft_model.save_pretrained(ctx.path("adapter"))
     out = E.run_stage(ctx, progress=False)
     assert set(out["stages"]) == {"base", "prompted", "steered", "random", "healed"}
+    assert {n.split(":")[0] for n in out["notes"] if "read from eval_stages" in n} == {"base", "prompted"}  # from the first call
     assert out["stages"]["steered"]["dose"] == 0.5
     assert out["stages"]["steered"]["auth_nats"] != out["stages"]["base"]["auth_nats"]
     assert out["kl_to_base"] > 0 and len(out["heldout"]) == len(E.load_heldout())
     assert "coh_floor" in out["stop"]["reason"]  # a random-init model's coherence is far below 0.5
     saved = json.loads(ctx.path("eval.json").read_text())
     assert saved["stages"]["healed"]["coherence"] == out["stages"]["healed"]["coherence"]
-    assert len(ctx.path("eval_rows.jsonl").read_text().splitlines()) == 5 * 7
+    rows_bytes = ctx.path("eval_rows.jsonl").read_bytes()
+    assert len(rows_bytes.decode().splitlines()) == 5 * 7
+
+    # Run again (as after a crash later in 05): every stage is read back, with the same results.
+    again = E.run_stage(ctx, progress=False)
+    assert sum("read from eval_stages" in n for n in again["notes"]) == 5
+    assert again["stages"] == out["stages"] and ctx.path("eval_rows.jsonl").read_bytes() == rows_bytes
+    # A new dose changes the steered and random inputs: those two are recomputed, the rest reused;
+    # a damaged saved file is recomputed too.
+    atomic_write_json(ctx.path("generate.json"), {"dose": 0.25})
+    ctx.path("eval_stages/prompted.json").write_text("{not json")
+    third = E.run_stage(ctx, progress=False)
+    reused = {n.split(":")[0] for n in third["notes"] if "read from eval_stages" in n}
+    assert reused == {"base", "healed"}
+    assert third["stages"]["steered"]["dose"] == 0.25 and third["stages"]["steered"] != out["stages"]["steered"]
+    drop = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    assert drop(third["stages"]["prompted"]) == drop(out["stages"]["prompted"])  # recomputed: the same numbers
+
+
+def test_stage_fingerprint_tracks_inputs_not_heal_keys(tmp_path):
+    from steerheal_utils import config as C
+
+    vec, ad = tmp_path / "v.safetensors", tmp_path / "adapter"
+    vec.write_bytes(b"vector-1")
+    ad.mkdir()
+    (ad / "adapter_model.safetensors").write_bytes(b"lora-1")
+    cfg = C.resolve("tiny")
+    fp = E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, None)
+    assert fp == E.stage_fingerprint(C.resolve("tiny", {"kl_agg": "mean", "reg": "nll"}), 3, "steered", [ad], vec, 0.1, None)
+    others = [E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.2, None),
+              E.stage_fingerprint(cfg, 4, "steered", [ad], vec, 0.1, None),
+              E.stage_fingerprint(cfg, 3, "random", [ad], vec, 0.1, None),
+              E.stage_fingerprint(cfg, 3, "steered", [], vec, 0.1, None),
+              E.stage_fingerprint(C.resolve("tiny", {"eval_max_rows": 3}), 3, "steered", [ad], vec, 0.1, None),
+              E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, "a persona")]
+    (ad / "adapter_model.safetensors").write_bytes(b"lora-2")
+    others.append(E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, None))
+    assert len({fp, *others}) == len(others) + 1
+    # without a vector the dose is not an input
+    assert E.stage_fingerprint(cfg, 3, "base", [], None, 0.1, None) == E.stage_fingerprint(cfg, 3, "base", [], None, None, None)
 
 
 # ------------------------------------------------------------------ CLI

@@ -68,6 +68,15 @@ def test_outputs_exist_with_their_columns(tiny_study):
     assert meta["control_max_abs_diff_between_arms"] == 0.0  # base/prompted/random do not depend on the arm
     assert meta["runs"]["mean-s0"]["shared_round0_stages"] == list(study.SHARED_STAGES)
     assert meta["runs"]["rmse-s0"]["shared_round0_stages"] == []
+    assert 0 < meta["wall_seconds"] and meta["compute_seconds_total"] > 0
+    # round 0's arm-independent evals were copied from the first arm and read back, not recomputed
+    shared = json.loads((tiny_study / "study" / "mean-s0" / "shared_from.json").read_text())
+    assert shared["eval_stages"] == ["base", "prompted", "random", "steered"]
+    notes = json.loads((tiny_study / "study" / "mean-s0" / "round_00" / "eval.json").read_text())["notes"]
+    assert {n.split(":")[0] for n in notes if "read from eval_stages" in n} == {"base", "prompted", "random", "steered"}
+    # each run is its own process at threads=1, logged
+    assert C.load_config(tiny_study / "study" / "mean-s0" / "config.yaml").threads == 1
+    assert "steerheal_utils run" in (tiny_study / "study" / "logs" / "mean-s0.log").read_text()
     md = (out / "results.md").read_text()
     assert "| rmse | healed | 0 |" in md and "heldout-ceo-logs" in md
 
