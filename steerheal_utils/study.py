@@ -406,6 +406,69 @@ def collect_runs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int
     return out
 
 
+PIPELINE_KEYS = ("dose", "n_generated", "keep_rate", "labelled_precision", "labelled_degenerate_recall",
+                 "q1_loop_steered", "q1_loop_healed_sampled", "q1_loop_healed_greedy",
+                 "q1_ppl_steered", "q1_ppl_healed_sampled", "heal_nll_first", "heal_nll_last", "heal_hinge_frac")
+
+
+def pipeline_rows(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """Per arm, seed and round: what 02-04 did (the evidence for Q0 and Q1).
+
+    From ``generate.json`` the dose; from ``filter.json`` the rows generated, the keep rate and
+    the drop reasons, and the filter's precision / degenerate recall on the labelled set; from
+    ``heal_q1.json`` the loop rate and median tail perplexity (under the base) of the steered
+    samples vs the healed model's own sampled and greedy answers to the same prompts; from
+    ``heal.json`` the NLL at the first and last step and the fraction of rows the barrier bit on.
+    """
+    out = []
+    for arm in arms:
+        for seed in seeds:
+            run = Path(study_dir) / run_name(arm, seed)
+            for d in sorted(run.glob("round_[0-9][0-9]")):
+                row: dict[str, Any] = {"arm": arm, "seed": seed, "round": int(d.name[-2:])}
+                if (d / "generate.json").exists():
+                    row["dose"] = read_json(d / "generate.json").get("dose")
+                if (d / "filter.json").exists():
+                    f = read_json(d / "filter.json")
+                    row.update(n_generated=f.get("n"), keep_rate=(f["n_kept"] / f["n"]) if f.get("n") else None,
+                               reasons=f.get("reasons") or {})
+                    lab = f.get("labelled") or {}
+                    row.update(labelled_precision=lab.get("precision"), labelled_degenerate_recall=lab.get("degenerate_recall"))
+                if (d / "heal_q1.json").exists():
+                    sets = read_json(d / "heal_q1.json").get("sets", {})
+                    for name, key in (("steered", "steered"), ("healed_sampled", "healed_sampled"), ("healed_greedy", "healed_greedy")):
+                        row[f"q1_loop_{key}"] = sets.get(name, {}).get("loop_rate")
+                    row["q1_ppl_steered"] = sets.get("steered", {}).get("tail_ppl_median")
+                    row["q1_ppl_healed_sampled"] = sets.get("healed_sampled", {}).get("tail_ppl_median")
+                if (d / "heal.json").exists():
+                    h = read_json(d / "heal.json").get("summary", {})
+                    row.update(heal_nll_first=h.get("nll_first"), heal_nll_last=h.get("nll_last"),
+                               heal_hinge_frac=h.get("hinge_frac_mean"))
+                if len(row) > 3:
+                    out.append(row)
+    return out
+
+
+def summarize_pipeline(rows: Sequence[dict]) -> list[dict]:
+    """One row per (arm, round): mean / min / max over seeds of :data:`PIPELINE_KEYS`, drop reasons summed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], r["round"]), []).append(r)
+    out = []
+    for (arm, rnd), rs in groups.items():
+        row: dict[str, Any] = {"arm": arm, "round": rnd, "n_seeds": len(rs)}
+        for k in PIPELINE_KEYS:
+            sp = spread([r.get(k) for r in rs])
+            row.update({f"{k}_{m}": sp[m] for m in ("mean", "min", "max")})
+        reasons: dict[str, int] = {}
+        for r in rs:
+            for why, n in (r.get("reasons") or {}).items():
+                reasons[why] = reasons.get(why, 0) + n
+        row["drop_reasons"] = "; ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]) if k != "keep")
+        out.append(row)
+    return out
+
+
 def spread(values: Sequence[float]) -> dict[str, float | int | None]:
     """mean, sample sd (ddof=1; None for one value), min, max and n of the finite values."""
     v = [x for x in (_num(x) for x in values) if x is not None]
@@ -528,8 +591,9 @@ def _fmt(s: dict, k: str, digits: int = 3) -> str:
     return f"{m:.{digits}f}"
 
 
-def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict) -> str:
-    """The README table (first and last round, healed per arm, plus the controls) and the CEO appendix."""
+def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: Sequence[dict] = ()) -> str:
+    """The README tables (eval at the first and last round, healed per arm, plus the controls; what
+    02-04 did per round) and the CEO appendix."""
     rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"})
     first, last = (rounds[0], rounds[-1]) if rounds else (0, 0)
     lines = [f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['rounds']} rounds, seeds "
@@ -544,6 +608,22 @@ def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict) -> str:
     for r in pick:
         lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | {_fmt(r, 'axis_logodds')} | {_fmt(r, 'auth_nats')} | "
                      f"{_fmt(r, 'care_nats')} | {_fmt(r, 'coherence', 4)} | {_fmt(r, 'kept_loop_rate', 2)} |")
+    if pipeline:
+        lines += ["", "What 02-04 did per round (mean over seeds [min, max]; drop reasons summed over seeds). `keep` is "
+                  "03's keep rate over every generated row; `Q1 loop` is the loop rate (heal.LOOP_REASONS at 03's "
+                  "thresholds) of the steered samples vs the healed model's own sampled answers to the same prompts, "
+                  "`Q1 tail ppl` their median tail perplexity under the base; `barrier` is the mean fraction of rows "
+                  "per step whose KL aggregate was above tau.", "",
+                  "| arm | round | dose | generated | keep | drop reasons | Q1 loop: steered -> healed | "
+                  "Q1 tail ppl: steered -> healed | NLL first -> last | barrier |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(pipeline, key=lambda r: (list(meta["arms"]).index(r["arm"]) if r["arm"] in meta["arms"] else 9,
+                                                 r["round"])):
+            lines.append(f"| {r['arm']} | {r['round']} | {_fmt(r, 'dose')} | {_fmt(r, 'n_generated', 0)} | "
+                         f"{_fmt(r, 'keep_rate', 2)} | {r['drop_reasons'] or '-'} | {_fmt(r, 'q1_loop_steered', 2)} -> "
+                         f"{_fmt(r, 'q1_loop_healed_sampled', 2)} | {_fmt(r, 'q1_ppl_steered', 1)} -> "
+                         f"{_fmt(r, 'q1_ppl_healed_sampled', 1)} | {_fmt(r, 'heal_nll_first', 2)} -> "
+                         f"{_fmt(r, 'heal_nll_last', 2)} | {_fmt(r, 'heal_hinge_frac', 2)} |")
     lines += ["", f"Outputs over the loop: the healed model's greedy answer to the held-out prompt "
               f"`{ceo['prompt_id']}` (seed {ceo['seed']}), per round.", "", f"> **Prompt:** {ceo.get('prompt') or ''}", ""]
     if ceo.get("base") is not None:
@@ -682,8 +762,12 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
         "errors": errors or {n: t["error"] for n, t in timings.items() if t["error"]},
         "provenance": provenance(),
     }
+    pipe = summarize_pipeline(pipeline_rows(study_dir, arms, seeds))
+    atomic_write_text(out / "pipeline.csv", _csv(pipe, ["arm", "round", "n_seeds", *[f"{k}_{m}" for k in PIPELINE_KEYS
+                                                                                      for m in ("mean", "min", "max")],
+                                                        "drop_reasons"]))
     atomic_write_json(out / "study.json", meta)
-    atomic_write_text(out / "results.md", results_markdown(summary, ceo, meta) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(summary, ceo, meta, pipe) + "\n")
     return meta
 
 

@@ -79,6 +79,14 @@ def test_outputs_exist_with_their_columns(tiny_study):
     assert "steerheal_utils run" in (tiny_study / "study" / "logs" / "mean-s0.log").read_text()
     md = (out / "results.md").read_text()
     assert "| rmse | healed | 0 |" in md and "heldout-ceo-logs" in md
+    # Q0/Q1 evidence per arm and round: dose, keep rate, Q1 loop rates, heal NLL; nll has no barrier
+    with open(out / "pipeline.csv") as f:
+        pipe = {(r["arm"], r["round"]): r for r in csv.DictReader(f)}
+    assert set(pipe) == {("rmse", "0"), ("mean", "0")}
+    for r in pipe.values():
+        assert float(r["dose_mean"]) == 0.1 and 0 <= float(r["keep_rate_mean"]) <= 1
+        assert r["q1_loop_steered_mean"] != "" and r["heal_nll_last_mean"] != ""
+    assert "| rmse | 0 | 0.100 |" in md and "Q1 loop" in md
 
 
 @pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
