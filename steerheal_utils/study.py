@@ -262,7 +262,13 @@ def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], 
                     continue  # one process per run folder
                 pending.remove(task)
                 if prep is not None:
-                    prep()
+                    try:
+                        prep()
+                    except (StudyError, OSError) as e:  # e.g. an inconsistent round_00: this run only
+                        errors[name] = errors[run] = f"{name}: sharing round 0 failed: {e}"
+                        _record_error(study_dir / run, errors[run])
+                        log(f"study: FAILED {errors[run]}")
+                        continue
                 log_path = study_dir / "logs" / f"{run}.log"
                 fh = open(log_path, "a")
                 cmd = [sys.executable, "-m", "steerheal_utils", "run", "--run-dir", str(study_dir / run),

@@ -154,3 +154,27 @@ def test_spread_and_summary_group_controls_once():
     assert study.control_mismatch(rows) == 0.0
     next(r for r in rows if (r["arm"], r["seed"], r["stage"]) == ("mean", 0, "base"))["axis_logodds"] = 1.5
     assert study.control_mismatch(rows) == pytest.approx(0.5)  # mean-s0's base now differs from rmse-s0's
+
+
+@pytest.mark.slow  # reuses the tiny study; only process start-up and the outputs are new work
+def test_a_failed_run_is_recorded_and_the_others_go_on(tiny_study, tmp_path):
+    import shutil
+
+    study_dir = tmp_path / "study"
+    shutil.copytree(tiny_study / "study", study_dir)
+    broken = study_dir / "mean-s0"
+    shutil.rmtree(broken / "round_00")
+    (broken / "round_00" / ".done").mkdir(parents=True)
+    (broken / "round_00" / ".done" / "04_heal.json").write_text("{}")  # 04 done without 01-03: inconsistent
+    rmse_before = markers(study_dir / "rmse-s0")
+    env = {**__import__("os").environ, "STEERHEAL_CACHE": str(tiny_study / "cache")}
+    r = subprocess.run([sys.executable, "-m", "steerheal_utils", "study", "--preset", "tiny", "--arms", "rmse", "mean",
+                        "--seeds", "0", "--rounds", "1", "--study-dir", str(study_dir), "--out", str(tmp_path / "out"),
+                        *FAST], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 1 and "Re-run the same command" in r.stderr
+    meta = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert list(meta["errors"]) == ["mean-s0"] and "inconsistent" in meta["errors"]["mean-s0"]
+    assert "inconsistent" in json.loads((broken / "study_error.json").read_text())["error"]
+    assert markers(study_dir / "rmse-s0") == rmse_before  # the healthy run was left alone
+    with open(tmp_path / "out" / "runs.csv") as f:
+        assert {row["arm"] for row in csv.DictReader(f)} == {"rmse"}
