@@ -80,7 +80,7 @@ SHARED_STAGES = STAGES[:3]  # 01_vector, 02_generate, 03_filter
 METRICS = ("axis_logodds", "auth_nats", "care_nats", "coherence")
 CONTROL_STAGES = ("base", "prompted", "random")  # arm-independent, round 0
 CEO_ID = "heldout-ceo-logs"
-SUMMARY_KEYS = (*METRICS, "kept_loop_rate")
+SUMMARY_KEYS = (*METRICS, "kept_loop_rate", "kl_to_base")  # kl_to_base: healed, on the held-out answers
 
 
 class StudyError(C.ConfigError):
@@ -605,15 +605,17 @@ def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: S
     lines = [f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['rounds']} rounds, seeds "
              f"{', '.join(map(str, meta['seeds']))}; every cell is the mean over seeds [min, max]. "
              f"`kept loop` is the fraction of the round's kept (trained-on) rows that a stricter loop gate flags "
-             f"(defined in `study.json`, `loop_rate_definition`). Produced by `{meta['command']}`.", "",
-             "| arm | stage | round | axis probe (log-odds care vs auth) | auth_nats | care_nats | coherence | kept loop |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"(defined in `study.json`, `loop_rate_definition`); `KL to base` is the healed model's mean per-token "
+             f"KL(healed || base) on its own greedy answers to the held-out prompts. Produced by `{meta['command']}`.", "",
+             "| arm | stage | round | axis probe (log-odds care vs auth) | auth_nats | care_nats | coherence | kept loop | KL to base |",
+             "|---|---|---|---|---|---|---|---|---|"]
     pick = [r for r in summary if r["stage"] in CONTROL_STAGES]
     pick += [r for r in summary if r["stage"] == "steered" and r["round"] == first]
     pick += [r for r in summary if r["stage"] == "healed" and r["round"] in (first, last)]
     for r in pick:
         lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | {_fmt(r, 'axis_logodds')} | {_fmt(r, 'auth_nats')} | "
-                     f"{_fmt(r, 'care_nats')} | {_fmt(r, 'coherence', 4)} | {_fmt(r, 'kept_loop_rate', 2)} |")
+                     f"{_fmt(r, 'care_nats')} | {_fmt(r, 'coherence', 4)} | {_fmt(r, 'kept_loop_rate', 2)} | "
+                     f"{_fmt(r, 'kl_to_base', 2)} |")
     if pipeline:
         lines += ["", "What 02-04 did per round (mean over seeds [min, max]; drop reasons summed over seeds). `keep` is "
                   "03's keep rate over every generated row; `Q1 loop` is the loop rate (heal.LOOP_REASONS at 03's "
@@ -654,10 +656,13 @@ def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
     colors = {"rmse": "#2ca02c", "mean": "#d62728", "nll": "#9467bd"}
     ref_style = {"base": ("black", "-"), "prompted": ("#1f77b4", "--"), "random": ("#7f7f7f", ":")}
     panels = (("axis_logodds", "axis probe log-odds (up = care)", False, False),
+              ("care_nats", "care_nats (up = more care)", False, False),
               ("auth_nats", "auth_nats (down = less authority)", False, False),
               ("coherence", "1 - coherence (log; down = coherent)", True, True),
-              ("kept_loop_rate", "kept-data loop rate (strict gate)", False, False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+              ("kept_loop_rate", "kept-data loop rate (strict gate)", False, False),
+              ("kl_to_base", "KL to base on held-out answers (nats/token)", False, False))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes = axes.ravel()
     rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"}) or [0]
     for ax, (key, title, inv, logy) in zip(axes, panels):
         def tr(v):
