@@ -309,6 +309,20 @@ def _share(first: Path, run: Path, log) -> None:
         log(f"study: copied round 0 evals of {', '.join(copied)} from {first.name} into {run.name}")
 
 
+def _run_commits(study_dir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, list[str]]:
+    """git commit -> the runs whose config.yaml records it (the code that computed them)."""
+    import yaml
+
+    out: dict[str, list[str]] = {}
+    for arm in arms:
+        for seed in seeds:
+            path = Path(study_dir) / run_name(arm, seed) / "config.yaml"
+            if path.exists():
+                commit = (yaml.safe_load(path.read_text()).get("_meta") or {}).get("git_commit") or "unknown"
+                out.setdefault(commit, []).append(run_name(arm, seed))
+    return out
+
+
 def _wall_span(spans: Sequence[tuple[float, float]]) -> float | None:
     return round(max(e for _, e in spans) - min(b for b, _ in spans), 1) if spans else None
 
@@ -721,6 +735,21 @@ def labelled_flag_rates(strict) -> dict:
     return {g: {"n": len(v), "flagged": sum(v) / len(v)} for g, v in sorted(groups.items())}
 
 
+def check_run_configs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], scale: str,
+                      preset: str = "default", extra: dict[str, Any] | None = None) -> None:
+    """Raise StudyError if a run folder was made with another config than this study's (e.g. another
+    --scale in the same --study-dir): its numbers would silently enter the tables."""
+    for arm in arms:
+        for seed in seeds:
+            path = Path(study_dir) / run_name(arm, seed) / "config.yaml"
+            if path.exists():
+                diff = C.config_diff(C.load_config(path), arm_config(arm, seed, scale, preset, extra))
+                if diff:
+                    raise StudyError(f"{path.parent} was run with another config than this study's "
+                                     f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): use the options it "
+                                     "was run with, or another --study-dir")
+
+
 def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], seeds: Sequence[int], *,
                   rounds: int, scale: str, preset: str = "default", extra: dict[str, Any] | None = None,
                   command: str = "", errors: dict | None = None) -> dict:
@@ -730,6 +759,7 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
     from .report import COLUMNS
 
     study_dir, out = Path(study_dir), Path(out)
+    check_run_configs(study_dir, arms, seeds, scale, preset, extra)
     rows = collect_runs(study_dir, arms, seeds)
     if not rows:
         raise StudyError(f"no finished rounds under {study_dir} for arms {list(arms)} and seeds {list(seeds)}: "
@@ -771,7 +801,8 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
                        "wall_seconds is from the first stage's start to the last stage's end, pauses between "
                        "sittings included",
         "errors": errors or {n: t["error"] for n, t in timings.items() if t["error"]},
-        "provenance": provenance(),
+        "provenance": provenance(),  # of this report; the runs' own code is in run_git_commits
+        "run_git_commits": _run_commits(study_dir, arms, seeds),
     }
     pipe = summarize_pipeline(pipeline_rows(study_dir, arms, seeds))
     atomic_write_text(out / "pipeline.csv", _csv(pipe, ["arm", "round", "n_seeds", *[f"{k}_{m}" for k in PIPELINE_KEYS

@@ -69,6 +69,7 @@ def test_outputs_exist_with_their_columns(tiny_study):
     assert meta["runs"]["mean-s0"]["shared_round0_stages"] == list(study.SHARED_STAGES)
     assert meta["runs"]["rmse-s0"]["shared_round0_stages"] == []
     assert 0 < meta["wall_seconds"] and meta["compute_seconds_total"] > 0
+    assert sorted(n for runs in meta["run_git_commits"].values() for n in runs) == ["mean-s0", "rmse-s0"]
     # round 0's arm-independent evals were copied from the first arm and read back, not recomputed
     shared = json.loads((tiny_study / "study" / "mean-s0" / "shared_from.json").read_text())
     assert shared["eval_stages"] == ["base", "prompted", "random", "steered"]
@@ -178,3 +179,12 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tiny_study, tmp_path):
     assert markers(study_dir / "rmse-s0") == rmse_before  # the healthy run was left alone
     with open(tmp_path / "out" / "runs.csv") as f:
         assert {row["arm"] for row in csv.DictReader(f)} == {"rmse"}
+
+
+def test_report_refuses_runs_made_with_another_config(tmp_path):
+    run = tmp_path / "rmse-s0"
+    run.mkdir()
+    C.save_config(study.arm_config("rmse", 0, "quick", "tiny"), run / "config.yaml")
+    study.check_run_configs(tmp_path, ["rmse"], [0], "quick", "tiny")  # the same settings: fine
+    with pytest.raises(study.StudyError, match="another config.*n_keep"):
+        study.check_run_configs(tmp_path, ["rmse"], [0], "full", "tiny")
