@@ -22,10 +22,11 @@ first arm, and the other arms' 05_eval reads them back because the fingerprints 
 
 Parallel: each run is an ordinary ``steerheal run`` process; ``--jobs`` of them run at once
 (default one per core), each on one torch thread (``threads=1`` in every run's config, whatever
-``--jobs`` is, so results do not depend on it). On 2 cores two one-thread processes finish the
-grid faster than one two-thread process: prefill splits well over threads, but decoding small
-batches and the per-stage overhead (kernel start, imports, model load, Python-side filter
-scoring) do not.
+``--jobs`` is, so results do not depend on it). On 2 cores this gains less than one might hope:
+prefill and training split well over threads anyway and decoding is bound by memory bandwidth,
+so what overlaps is mostly the per-stage overhead (kernel start, imports, model load, Python-side
+filter scoring). Measured in the study: a later round took ~360 s per process with two running,
+against ~230 s for one process on two threads, i.e. ~1.27x the throughput.
 
 Resumable: every run resumes where it stopped (the driver skips finished stages), so
 re-running the command continues the grid and then regenerates the outputs.
