@@ -619,7 +619,8 @@ def run_stage(ctx, progress: bool = True) -> dict:
     healed_ok = _has_adapter(own)
     if not healed_ok:
         notes.append(f"no adapter at {own} yet (04_heal has not run): 'healed' skipped")
-    model = models.bake_adapters(base, dirs + ([own] if healed_ok else []))
+    stack = dirs + ([own] if healed_ok else [])  # adapters of rounds 0..r; stage k activates stack[:k]
+    model = models.bake_adapters(base, stack)
     model.eval()
     rows = load_vignettes(cfg.vignettes or None, cfg.eval_max_rows, seed=cfg.seed)
     probe = load_probe(cfg.probe_max_items)
@@ -654,7 +655,6 @@ def run_stage(ctx, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     stages, all_rows = {}, []
-    stack = dirs + ([own] if healed_ok else [])
     # one bar over the stages: per-batch bars would store dozens of widgets in the executed notebook
     for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
         fp = stage_fingerprint(cfg, ctx.seed, name, stack[:k], vec_path if vec is not None else None, dose, system)
