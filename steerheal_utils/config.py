@@ -62,7 +62,7 @@ class Config:
     n_contexts: int = knob(256, "user messages (from the shipped contexts) used to extract the vector", lo=2)
 
     # --- 02 generate ---
-    dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate each round", lo=0.0)
+    dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0)
     steer_positions: str = knob("all", "where the vector is added: every position, or from the assistant tag on", choices=("all", "generated"))
     dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0)
     temperature: float = knob(1.0, "sampling temperature", lo=0.0)
@@ -73,11 +73,14 @@ class Config:
     gen_compile: bool = knob(False, "CUDA only: static KV cache + compiled decode step (one-time compile, ~2 min at 4B; pays when a round samples >~100k tokens)")
     n_keep: int = knob(64, "kept completions to collect for heal", lo=1)
     gen_budget: int = knob(192, "most completions generated per round while collecting", lo=1)
-    calib_target: float = knob(0.75, "dose search: fraction of probe completions the filter must keep", lo=0.0, hi=1.0)
-    calib_probes: int = knob(16, "probe completions per dose tried (drawn across the whole pool)", lo=1)
-    calib_lo: float = knob(0.01, "dose search lower bound", lo=0.0)
-    calib_hi: float = knob(1.0, "dose search upper bound", lo=0.0)
-    calib_steps: int = knob(5, "bisection steps in log-dose", lo=0)
+    calib_target: float = knob(0.75, "dose search: keep rate required at the chosen dose, as a fraction of the unsteered (dose 0) keep rate on the same probes (calib_relative) or absolute", lo=0.0, hi=1.0)
+    calib_relative: bool = knob(True, "dose search: calib_target is relative to the unsteered keep rate (false: absolute keep fraction)")
+    calib_probes: int = knob(32, "dose search: probe completions per call (drawn across the whole pool; the same probes at every dose)", lo=1)
+    calib_lo: float = knob(0.01, "dose search lower bound (the lowest grid dose)", lo=0.0)
+    calib_hi: float = knob(1.0, "dose search upper bound (the highest grid dose)", lo=0.0)
+    calib_grid: int = knob(4, "dose search: log-spaced doses from calib_lo to calib_hi sampled before the fit (besides 2 calls at dose 0)", lo=2)
+    calib_refine: int = knob(3, "dose search: calls at the fitted crossing after the grid, refitting in between; the last one's rows start the collection", lo=0)
+    calib_rounds: str = knob("every", "calibrate the dose every round, or in round 0 only and reuse that dose later (arms of a study then share it)", choices=("every", "first"))
 
     # --- 03 filter (thresholds; names = filter.FilterThresholds fields, read by FilterThresholds.from_config) ---
     strict: bool = knob(True, "filter: every gate; false = only the precursor's gates (ablation; random-init models)")
@@ -179,25 +182,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a random-init model, so the numbers are meaningless; the machinery is not.
     "tiny": dict(
         model="tiny:llama", n_contexts=8, batch_size=8, max_new_tokens=16, gen_batch_size=8,
-        n_keep=8, gen_budget=16, calib_probes=4, calib_steps=2, min_train=1,
+        n_keep=8, gen_budget=16, calib_probes=4, calib_grid=2, calib_refine=1, min_train=1,
         strict=False, max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
         train_batch_size=4, max_seq_len=256, q1_prompts=4, eval_max_rows=14, heldout_max_new_tokens=8,
         controls=["prompted", "random"], probe_max_items=8,
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
-    # took 11 min, heal 12 steps 4 min. Per round now: 64 vector prompts; 4 probe calls of 16 x 48
-    # tokens, then collection to 24 kept of at most 64; heal 2 epochs x 3 steps of 8 rows.
+    # took 11 min, heal 12 steps 4 min. Per round now: 64 vector prompts; the dose search (2 calls
+    # at dose 0, 4 grid doses, 3 refine calls, each 32 x 48 tokens; the last call's rows are
+    # collected), then collection to 24 kept of at most 64; heal 2 epochs x 3 steps of 8 rows.
     "default": dict(
         model="smollm2-135m-instruct", n_contexts=32, max_new_tokens=48, gen_batch_size=32,
         # 02: at the median-norm unit, 0.02 kept 8/12 (4 off-topic) and 0.14 kept 2/12, so the
         # range reaches below 0.02 for a dose that meets the target.
-        calib_lo=0.005, calib_hi=0.3, calib_probes=16, calib_steps=3, n_keep=24, gen_budget=64,
+        calib_lo=0.005, calib_hi=0.3, calib_probes=32, calib_grid=4, calib_refine=3, n_keep=24, gen_budget=64,
         # SmolLM2's 48-token answers are loosely on-topic even unsteered: at dose 0.005 the 0.1
-        # overlap gate dropped 6/16 and no dose reached 0.75. Overlap 0 (unrelated prose, what
-        # strong steering produces) is still dropped at 0.05, and the target sits below the
-        # unsteered keep rate so the search can find a dose that steers.
-        min_prompt_overlap=0.05, calib_target=0.6,
+        # overlap gate dropped 6/16. Overlap 0 (unrelated prose, what strong steering produces) is
+        # still dropped at 0.05. The keep target is relative to the unsteered rate (calib_relative).
+        min_prompt_overlap=0.05,
         lora_r=16, lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
         # heal: few steps, so a larger LoRA learning rate than at 4B.
         epochs=2, lr=5e-4, q1_prompts=4,
@@ -205,7 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(
         model="google/gemma-3-4b-it", n_contexts=256, max_new_tokens=256, gen_batch_size=256,
-        n_keep=256, gen_budget=768, calib_probes=64, calib_steps=6, epochs=2, lora_r=32,
+        n_keep=256, gen_budget=768, calib_probes=64, calib_grid=6, epochs=2, lora_r=32,
         lora_alpha=64.0, tau=2.0, batch_size=64, eval_layout="tinymfv", think_tokens=128,
         heldout_max_new_tokens=128, controls_every_round=True, gen_compile=True,
     ),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -79,60 +80,155 @@ def test_steering_changes_samples_and_leaves_no_hooks(tiny_llama):
 
 
 # ------------------------------------------------------------------ dose search
-def _fake(threshold, n_calls=None):
-    """generate_fn / judge_fn for a 'model' whose completions are kept iff dose < threshold."""
+def test_isotonic_fit_and_crossing_on_known_values():
+    assert G.isotonic_decreasing([0.5, 0.7, 0.2], [2, 2, 1]) == pytest.approx([0.6, 0.6, 0.2])
+    assert G.isotonic_decreasing([0.9, 0.5, 0.8, 0.1], [1, 3, 1, 1]) == pytest.approx([0.9, 0.575, 0.575, 0.1])
+    assert G.isotonic_decreasing([1.0, 0.5, 0.2], [1, 1, 1]) == [1.0, 0.5, 0.2]  # already monotone: unchanged
+    d, where = G.crossing([0.01, 0.1, 1.0], [0.8, 0.4, 0.0], 0.6)
+    assert where == "inside" and d == pytest.approx(math.sqrt(0.01 * 0.1))  # half-way in log-dose
+    assert G.crossing([0.01, 0.1], [0.5, 0.4], 0.6) == (0.01, "lower")
+    assert G.crossing([0.01, 0.1], [0.9, 0.7], 0.6) == (0.1, "upper")
+    assert G.grid_doses(0.005, 0.3, 4)[0] == 0.005 and G.grid_doses(0.005, 0.3, 4)[-1] == 0.3
+    assert G.binom_cdf(14, 32, 0.6) == pytest.approx(0.0463, abs=1e-3)  # the docstring's numbers
+    assert 1 - G.binom_cdf(14, 32, 0.3) == pytest.approx(0.0327, abs=1e-3)
+    assert 1 - G.binom_cdf(9, 16, 0.65) == pytest.approx(0.688, abs=1e-3)
+
+
+def _curve(p0, d50, slope):
+    """A keep-rate curve: p0 unsteered, falling to p0/2 at d50, `slope` per e-fold of dose."""
+    return lambda d: p0 if d <= 0 else p0 / (1 + (d / d50) ** slope)
+
+
+def _true_crossing(d50, slope, target):
+    return d50 * (target / (1 - target)) ** (-1 / slope)
+
+
+def _quantile_probes(keep):
+    """Deterministic probes: probe i of n is kept iff i < n * keep(dose) (no noise at all)."""
     calls = []
 
-    def gen(dose, n):
-        calls.append(dose)
-        return [{"dose": dose, "i": i} for i in range(n)]
+    def gen(dose, n, rep):
+        calls.append((dose, n, rep))
+        return [{"dose": dose, "i": i, "n": n} for i in range(n)]
 
     def judge(rows):
-        return ["keep" if r["dose"] < threshold else "token_soup" for r in rows]
+        return ["keep" if r["i"] < r["n"] * keep(r["dose"]) else "off_topic" for r in rows]
 
     return gen, judge, calls
 
 
-@pytest.mark.parametrize("threshold", [0.015, 0.05, 0.2, 0.9, 5.0])
-def test_calibration_finds_largest_passing_dose(threshold):
-    gen, judge, calls = _fake(threshold)
-    steps = 6
-    cal = G.calibrate_dose(gen, judge, lo=0.01, hi=1.0, steps=steps, target=0.75, n=4)
-    resolution = (1.0 / 0.01) ** (2.0 ** -steps)
-    assert len(calls) == len(cal.path) == steps  # terminates after `steps` tries
-    assert cal.dose < min(threshold, 1.0) and cal.dose * resolution ** 1.01 >= min(threshold, 1.0)
-    assert all(0.01 <= d <= 1.0 for d in calls)
-    assert [p["dose"] for p in cal.path] == calls and cal.path[0]["dose"] == pytest.approx(0.1)
-    for p in cal.path:  # bisection keeps a bracket: a pass moves lo up, a fail moves hi down
-        assert p["passed"] == (p["dose"] < threshold) and p["n"] == 4
-    assert all(r["dose"] == cal.dose and r["reason"] == "keep" for r in cal.rows) and len(cal.rows) == 4
-    assert not cal.below_target
+def _bernoulli_probes(keep, seed):
+    """Each probe kept with probability keep(dose), independently (no help from common random numbers)."""
+    rng = random.Random(seed)
 
-
-def test_calibration_falls_back_to_lo_then_errors_with_counts():
-    # Nothing passes the target, but lo keeps 1 of 4: lo, flagged below target.
-    def gen(dose, n):
-        return [{"dose": dose, "i": i} for i in range(n)]
+    def gen(dose, n, rep=0):
+        return [{"dose": dose} for _ in range(n)]
 
     def judge(rows):
-        return ["keep" if r["i"] == 0 and r["dose"] < 0.02 else "repetition" for r in rows]
+        return [rng.random() < keep(r["dose"]) for r in rows]
 
-    cal = G.calibrate_dose(gen, judge, lo=0.01, hi=1.0, steps=3, target=0.75, n=4)
-    assert cal.dose == 0.01 and cal.below_target and len(cal.path) == 4 and cal.path[-1]["kept"] == 1
-
-    gen2, judge2, calls = _fake(0.001)  # even lo keeps nothing
-    with pytest.raises(G.CalibrationError) as e:
-        G.calibrate_dose(gen2, lambda rows: ["narration" if r["i"] % 2 else "token_soup" for r in rows],
-                         lo=0.01, hi=1.0, steps=3, n=6)
-    assert "narration: 3" in str(e.value) and "token_soup: 3" in str(e.value) and "0.01" in str(e.value)
+    return gen, judge
 
 
-def test_calibration_accepts_boolean_judges_and_zero_steps():
-    gen, _, calls = _fake(1.0)
-    cal = G.calibrate_dose(gen, lambda rows: [True] * len(rows), lo=0.05, hi=0.5, steps=0, n=2)
-    assert cal.dose == 0.05 and calls == [0.05] and not cal.below_target
+def _old_bisection(gen, judge, lo, hi, steps, target, n):
+    """The search this replaced: log bisection for the largest dose whose one call keeps >= target, else lo."""
+    a, b, best = math.log(lo), math.log(hi), lo
+    for _ in range(steps):
+        mid = math.exp((a + b) / 2)
+        if sum(judge(gen(mid, n))) / n >= target:
+            best, a = mid, math.log(mid)
+        else:
+            b = math.log(mid)
+    return best
+
+
+def test_calibration_finds_the_crossing_and_returns_the_chosen_doses_probes():
+    keep = _curve(0.9, 0.12, 3.0)
+    gen, judge, calls = _quantile_probes(keep)
+    cal = G.calibrate_dose(gen, judge, lo=0.005, hi=1.0, grid=5, n=40, target=0.75, refine=3, n_boot=200)
+    x = _true_crossing(0.12, 3.0, 0.75)
+    assert cal.dose == pytest.approx(x, rel=0.15) and cal.flags == []
+    phases = [p["phase"] for p in cal.path]
+    assert phases[:7] == ["baseline"] * 2 + ["grid"] * 5 and set(phases[7:]) == {"refine"} and 1 <= len(phases) - 7 <= 3
+    assert calls[:2] == [(0.0, 40, 0), (0.0, 40, 1)] and {(n, rep) for _, n, rep in calls[2:]} == {(40, 0)}
+    assert cal.path[-1]["dose"] == cal.dose  # the last refine call sampled the chosen dose
+    assert len(cal.rows) == 40 and all(r["dose"] == cal.dose and "reason" in r for r in cal.rows)
+    assert cal.curve.baseline == pytest.approx(0.9, abs=0.03) and cal.curve.monotone_p == 1.0
+    lo, hi = cal.curve.ci
+    assert lo <= cal.dose <= hi
+    rec = cal.record()
+    assert rec["relative"] and rec["threshold"] == pytest.approx(0.75 * rec["baseline_keep"])
+    assert [p["dose"] for p in rec["points"]] == sorted(p["dose"] for p in rec["points"])
+    # refine=0: the grid's interpolated estimate, and no rows (that dose was never sampled)
+    cal0 = G.calibrate_dose(*_quantile_probes(keep)[:2], lo=0.005, hi=1.0, grid=5, n=40, refine=0, n_boot=50)
+    assert cal0.rows == [] and len(cal0.path) == 7 and cal0.dose == pytest.approx(x, rel=0.3)
+
+
+def test_noisy_keep_rate_lands_near_the_true_crossing_far_tighter_than_the_old_bisection():
+    # SmolLM2-like: 62% kept unsteered (the off-topic gate), half that at dose 0.12.
+    keep, x = _curve(0.62, 0.12, 3.0), _true_crossing(0.12, 3.0, 0.75)
+    seeds = range(60)
+    new = [G.calibrate_dose(*_bernoulli_probes(keep, s), lo=0.005, hi=0.3, grid=4, n=32, target=0.75, refine=3,
+                            n_boot=200, seed=s) for s in seeds]
+    old = [_old_bisection(*_bernoulli_probes(keep, s), 0.005, 0.3, 3, 0.6, 16) for s in seeds]  # the old preset
+
+    def spread(ds):  # 10%, 50% and 90% quantiles of dose / true crossing
+        r = sorted(d / x for d in ds)
+        return r[len(r) // 10], r[len(r) // 2], r[len(r) * 9 // 10]
+
+    n10, n50, n90 = spread([c.dose for c in new])
+    o10, o50, o90 = spread(old)
+    assert 0.8 < n50 < 1.2, (n10, n50, n90)  # unbiased
+    assert 0.45 < n10 and n90 < 1.6, (n10, n50, n90)
+    assert math.log(n90 / n10) < 0.5 * math.log(o90 / o10), ((n10, n90), (o10, o90))  # far tighter
+    assert sum(bool(c.flags) for c in new) <= 3  # a monotone curve is rarely flagged (bounds, non-monotone)
+
+
+def test_target_is_relative_to_the_unsteered_keep_rate():
+    # Two models whose keep curves have the same shape; one fails half its answers even unsteered.
+    good, poor = _curve(0.9, 0.1, 3.0), _curve(0.45, 0.1, 3.0)
+    kw = dict(lo=0.005, hi=1.0, grid=5, n=40, target=0.75, refine=3, n_boot=100)
+    a = G.calibrate_dose(*_quantile_probes(good)[:2], **kw)
+    b = G.calibrate_dose(*_quantile_probes(poor)[:2], **kw)
+    assert b.curve.baseline == pytest.approx(0.45, abs=0.03) and b.curve.threshold == pytest.approx(0.34, abs=0.03)
+    assert b.dose == pytest.approx(a.dose, rel=0.15) and not b.flags
+    # An absolute target at 0.6 is above what the poor model keeps at any dose: lowest dose, flagged.
+    c = G.calibrate_dose(*_quantile_probes(poor)[:2], **{**kw, "target": 0.6}, relative=False)
+    assert c.dose == 0.005 and c.flags == ["below_target", "at_lower_bound"]
+
+
+def test_non_monotone_keep_rate_is_flagged_and_the_choice_stays_below_the_dip():
+    # Keeps 90% up to 0.02, 10% in [0.02, 0.1), then 90% again (e.g. the gate misreads strong steering).
+    dip = lambda d: 0.9 if d < 0.02 or d >= 0.1 else 0.1  # noqa: E731
+    gen, judge, _ = _quantile_probes(dip)
+    cal = G.calibrate_dose(gen, judge, lo=0.005, hi=1.0, grid=6, n=40, target=0.75, refine=2, n_boot=300)
+    assert cal.curve.non_monotone and cal.curve.monotone_p < G.MONOTONE_ALPHA and "non_monotone" in cal.flags
+    assert cal.curve.trusted_upto is not None and cal.dose <= cal.curve.trusted_upto < 0.1  # before the dip's end
+    # the same data through the monotone fit alone would have pooled the dip with the recovery
+    assert G.crossing(cal.final.doses[1:], cal.final.fit[1:], cal.curve.threshold)[0] > 0.02
+
+
+def test_search_ending_at_each_bound_is_flagged():
+    kw = dict(lo=0.01, hi=0.5, grid=4, n=20, refine=2, n_boot=100)
+    up = G.calibrate_dose(*_quantile_probes(lambda d: 0.8)[:2], **kw)  # steering never hurts
+    assert up.dose == 0.5 and up.flags == ["at_upper_bound"] and len(up.rows) == 20
+    low = G.calibrate_dose(*_quantile_probes(lambda d: 0.8 if d == 0 else 0.2)[:2], **kw)  # hurts at any dose
+    assert low.dose == 0.01 and low.below_target and low.flags == ["below_target", "at_lower_bound"]
+    assert len(low.rows) == 20 and all(r["dose"] == 0.01 for r in low.rows)
+    with pytest.raises(G.CalibrationError, match=r"smallest dose 0.01 kept 0 of its 20 .*off_topic: 20"):
+        G.calibrate_dose(*_quantile_probes(lambda d: 0.8 if d == 0 else 0.0)[:2], **kw)
+    with pytest.raises(G.CalibrationError, match="not even unsteered"):
+        G.calibrate_dose(*_quantile_probes(lambda d: 0.0)[:2], **kw)
+
+
+def test_calibration_accepts_boolean_judges_and_checks_its_arguments():
+    gen, _, calls = _quantile_probes(lambda d: 1.0)
+    cal = G.calibrate_dose(gen, lambda rows: [True] * len(rows), lo=0.05, hi=0.5, grid=2, n=2, refine=1, n_boot=10)
+    assert cal.dose == 0.5 and len(calls) == 4  # 2 at dose 0, the grid; the upper bound is sampled already
     with pytest.raises(ValueError, match="lo < hi"):
-        G.calibrate_dose(gen, lambda rows: [True] * len(rows), lo=0.5, hi=0.5, steps=2)
+        G.calibrate_dose(gen, lambda rows: [True] * len(rows), lo=0.5, hi=0.5)
+    with pytest.raises(ValueError, match="grid >= 2"):
+        G.calibrate_dose(gen, lambda rows: [True] * len(rows), lo=0.1, hi=0.5, grid=1)
 
 
 def test_collect_stops_at_n_keep_or_budget():
@@ -171,7 +267,7 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
 
     model, tok = tiny_llama
     ctx = stage.open_stage("02_generate", {"run_dir": str(tmp_path / "run"), "round": 0, "preset": "tiny",
-                                           "calib_probes": 3, "calib_steps": 1, "n_keep": 4, "gen_budget": 6,
+                                           "calib_probes": 3, "calib_grid": 2, "n_keep": 4, "gen_budget": 6,
                                            "max_new_tokens": 8})
     summary = G.run_stage(ctx, model, tok, sv=_sv(model))
     rows = read_jsonl(ctx.path("completions.jsonl"))
@@ -184,8 +280,10 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
         assert r["n_tokens"] == len(r["completion_ids"]) <= ctx.cfg.max_new_tokens
         assert isinstance(r["truncated"], bool) and isinstance(r["seed"], int)
     assert len({r["id"] for r in rows}) == len(rows)
-    assert len(summary["calibration_path"]) >= ctx.cfg.calib_steps
+    assert len(summary["calibration_path"]) >= 2 + ctx.cfg.calib_grid
     assert ctx.cfg.calib_lo <= summary["dose"] <= ctx.cfg.calib_hi
+    assert summary["dose_flag"] == ";".join(summary["dose_flags"]) and summary["calibration"]["relative"]
+    assert summary["dose_warning"] == G.dose_warning(summary)
     assert summary["tokens_per_s"] > 0 and math.isfinite(summary["seconds"]["total"])
     probes = read_jsonl(ctx.path("calibration.jsonl"))
     assert len(probes) == sum(p["n"] for p in summary["calibration_path"])
@@ -217,3 +315,52 @@ def test_held_out_prompts_are_not_in_the_pool():
     assert len(pool) >= 32 and len(held) >= 8
     assert not {p["text"] for p in pool} & {p["text"] for p in held}
     assert any(p["id"] == "heldout-ceo-logs" for p in held)
+
+
+# ------------------------------------------------------------------ the dose across rounds, and the warning
+def _ctx(tmp_path, rnd, **over):
+    from steerheal_utils import stage
+
+    return stage.open_stage("02_generate", {"run_dir": str(tmp_path / "run"), "round": rnd, "preset": "tiny",
+                                            "calib_probes": 3, "calib_grid": 2, "n_keep": 4, "gen_budget": 6,
+                                            "max_new_tokens": 8, **over})
+
+
+def test_calib_rounds_first_reuses_round0s_dose_and_every_flags_divergence(tmp_path, tiny_llama):
+    from steerheal_utils.runfolder import RunFolderError, atomic_write_json, read_json
+
+    model, tok = tiny_llama
+    sv = _sv(model)
+    with pytest.raises(RunFolderError, match="calib_rounds=first reuses round 0's dose"):
+        G.run_stage(_ctx(tmp_path, 1, calib_rounds="first"), model, tok, sv=sv)  # no round 0 yet
+    s0 = G.run_stage(_ctx(tmp_path, 0, calib_rounds="first"), model, tok, sv=sv)
+    s1 = G.run_stage(_ctx(tmp_path, 1, calib_rounds="first"), model, tok, sv=sv)
+    assert s1["dose"] == s0["dose"] and s1["dose_source"] == "round0" and s1["calibration_path"] == []
+    assert s1["round0_dose"] == s0["dose"] and s1["dose_ratio_to_round0"] == 1.0 and "diverged" not in s1["dose_flags"]
+    # every round: a dose far from round 0's is flagged, and says whether round 0's lies in this round's interval
+    first = tmp_path / "run" / "round_00" / "generate.json"
+    atomic_write_json(first, {**read_json(first), "dose": s0["dose"] * 10})
+    s1b = G.run_stage(_ctx(tmp_path, 1, calib_rounds="every"), model, tok, sv=sv)
+    assert s1b["dose_source"] == "calibrated" and "diverged" in s1b["dose_flags"]
+    assert isinstance(s1b["round0_dose_in_ci"], bool) and "round 0's dose" in s1b["dose_warning"]
+
+
+def test_reused_dose_that_keeps_less_is_flagged_and_warnings_name_every_flag(capsys, tmp_path):
+    round0 = {"dose": 0.05, "calibration": {"threshold": 0.45}}
+    ok = G.dose_checks(None, 0.05, "round0", round0, kept=14, n=32)
+    assert ok["dose_flags"] == [] and ok["reuse_check"]["p"] > G.REUSE_ALPHA
+    bad = G.dose_checks(None, 0.05, "round0", round0, kept=5, n=32)  # 16% kept against a 45% threshold
+    assert bad["dose_flags"] == ["reused_keeps_less"] and bad["dose_flag"] == "reused_keeps_less"
+    summary = {"round": 2, "dose": 0.05, "dose_source": "round0", **bad}
+    line = G.dose_warning(summary)
+    assert line.startswith("warning: round 02 dose 0.05 (round0): reused_keeps_less")
+    assert G.dose_warning({"round": 0, "dose": 0.1, "dose_source": "calibrated", "dose_flags": []}) is None
+    (tmp_path / "generate.json").write_text(__import__("json").dumps(summary))
+    assert G.warn_dose(tmp_path) == line and line in capsys.readouterr().err
+    assert G.warn_dose(tmp_path / "nowhere") is None
+    low = G.calibrate_dose(*_quantile_probes(lambda d: 0.8 if d == 0 else 0.2)[:2], lo=0.01, hi=0.5, grid=3, n=10,
+                           n_boot=20)
+    rec = {"round": 0, "dose": low.dose, "dose_source": "calibrated", "calibration": low.record(),
+           **G.dose_checks(low, low.dose, "calibrated", None, 2, 10)}
+    line = G.dose_warning(rec)
+    assert "below_target" in line and "at_lower_bound" in line and "threshold 0.60 = 0.75 x unsteered 0.80" in line
