@@ -407,7 +407,7 @@ def _collect_calls(n_keep: int, budget: int, batch: int, probes_kept: int, n_pro
 def round_estimate(result: dict, cfg, n_pool: int = 48) -> dict:
     """One round of a preset from the measured rates (a round >= 1: steered + random + healed evals).
 
-    Generation: ``calib_steps`` probe calls of ``calib_probes`` rows, then collection calls until
+    Generation: :func:`generate.probe_calls` probe calls of ``calib_probes`` rows, then collection calls until
     ``n_keep`` are kept at a keep rate of ``calib_target``; compiled calls are padded to full
     batches, so each costs one measured full call; eager calls cost one full call too (decoding
     is launch-bound: the step time hardly depends on the batch). Filter: every generated row
@@ -415,7 +415,9 @@ def round_estimate(result: dict, cfg, n_pool: int = 48) -> dict:
     Q1 (greedy + sampled answers to ``q1_prompts`` prompts, eager, one call each).
     """
     st = _by_stage(result)
-    est: dict[str, Any] = {"assumptions": {"keep_rate": cfg.calib_target, "calib_calls": cfg.calib_steps,
+    from .generate import probe_calls
+
+    est: dict[str, Any] = {"assumptions": {"keep_rate": cfg.calib_target, "calib_calls": probe_calls(cfg),
                                            "gen_compile": cfg.gen_compile}}
     parts: dict[str, float] = {}
     v = st.get("vector")
@@ -431,7 +433,7 @@ def round_estimate(result: dict, cfg, n_pool: int = 48) -> dict:
         per_call, mode = eager["seconds"] / calls, "eager"
     calls = []
     if per_call is not None:
-        calls = [cfg.calib_probes] * cfg.calib_steps
+        calls = [cfg.calib_probes] * probe_calls(cfg)
         kept0 = int(round(cfg.calib_probes * cfg.calib_target))
         calls += _collect_calls(cfg.n_keep, cfg.gen_budget, cfg.gen_batch_size, kept0, cfg.calib_probes, cfg.calib_target)
         batched = [math.ceil(c / cfg.gen_batch_size) for c in calls]

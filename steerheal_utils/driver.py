@@ -262,6 +262,10 @@ def _loop(run_dir: Path, rounds: int, stages: tuple[str, ...]) -> None:
                 raise
             mark_done(run_dir, rnd, stage, {"seconds": round(time.time() - t, 2)})
             tick.end("done")
+            if stage == "02_generate":  # a dose at a bound, below target or diverged: say so here too
+                from .generate import warn_dose
+
+                warn_dose(round_dir(run_dir, rnd))
         stop = after_round(run_dir, rnd)
         if stop:
             print(f"stopping after round {rnd:02d}: {stop.get('reason')}", file=sys.stderr)

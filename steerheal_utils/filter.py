@@ -567,12 +567,16 @@ def model_scores(
     tail_frac: float = 0.25,
     batch_size: int = 8,
     entropy_floor: float = 2.0,
+    completion_ids: Sequence[Sequence[int] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score completions under a (base, unsteered) HF causal LM.
 
     `prompts` are already-rendered chat prompts (the caller applies the chat template). Prompt
     and completion are tokenized separately without special tokens and their ids concatenated,
     so the completion boundary is exact rather than re-inferred from a joint tokenization.
+    `completion_ids` (one entry per completion, None for "tokenize the text") are the ids that
+    were sampled: when given they are scored instead of the re-tokenized text, which can split
+    words differently and loses special tokens sampled mid-completion.
 
     Per completion (None for a completion with no tokens):
       n_completion_tokens
@@ -595,10 +599,16 @@ def model_scores(
     if not 0.0 < tail_frac <= 1.0:
         raise ValueError(f"tail_frac must be in (0, 1], got {tail_frac}")
 
+    if completion_ids is not None and len(completion_ids) != len(completions):
+        raise ValueError(f"{len(completion_ids)} completion_ids for {len(completions)} completions")
     encoded = []
-    for p, c in zip(prompts, completions):
+    for i, (p, c) in enumerate(zip(prompts, completions)):
         p_ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p else []
-        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] if c else []
+        sampled = completion_ids[i] if completion_ids is not None else None
+        if sampled is not None:
+            c_ids = sampled
+        else:
+            c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] if c else []
         encoded.append((list(p_ids), list(c_ids)))
 
     results: list[dict[str, Any] | None] = [None] * len(encoded)
@@ -764,7 +774,9 @@ def filter_rows(
     """Score and decide every row; returns new dicts with all scores, "reason" and "keep".
 
     Rows need "completion". With a model, the rendered prompt comes from `prompts` or each row's
-    "prompt_text"; without one the model score keys are present and None.
+    "prompt_text"; without one the model score keys are present and None. The model scores the
+    ids that were sampled (a row's "completion_ids", as 02 writes them); only rows without them
+    (the shipped labelled set) are scored on their tokenized text. The text gates read the text.
     """
     t = thresholds or FilterThresholds()
     completions = [r.get("completion") or "" for r in rows]
@@ -779,6 +791,7 @@ def filter_rows(
         m_scores = model_scores(
             model, tokenizer, list(prompts), completions,
             tail_frac=t.tail_frac, batch_size=batch_size, entropy_floor=t.entropy_floor,
+            completion_ids=[r.get("completion_ids") for r in rows],
         )
     else:
         m_scores = [_empty_model_scores() for _ in rows]

@@ -206,6 +206,7 @@ Judge = Callable[[list[dict]], Sequence[Any]]
 MONOTONE_ALPHA = 0.01    # raw keep rates contradict a non-increasing curve when the test's p < this
 REUSE_ALPHA = 0.01       # a reused dose keeps "significantly less" than round 0's threshold when p < this
 N_BOOT = 1000            # parametric-bootstrap draws (monotonicity test and dose interval)
+BASELINE_REPS = 2        # calls at dose 0 (the same prompts, other seeds after the first): a tighter baseline
 DOSE_CI = 0.90           # coverage of the chosen dose's bootstrap interval
 DIVERGE_FACTOR = 1.25    # a round's dose further than this factor from round 0's is flagged "diverged"
 DOSE_FLAGS = {  # flag -> meaning; generate.json "dose_flags", metrics.csv "dose_flag", the warning line
@@ -433,7 +434,7 @@ class Calibration:
 
 
 def calibrate_dose(generate_fn: ProbeFn, judge_fn: Judge, *, lo: float, hi: float, grid: int = 4, n: int = 32,
-                   target: float = 0.75, relative: bool = True, refine: int = 3, baseline_reps: int = 2,
+                   target: float = 0.75, relative: bool = True, refine: int = 3, baseline_reps: int = BASELINE_REPS,
                    seed: int = 0, n_boot: int = N_BOOT) -> Calibration:
     """The largest dose in ``[lo, hi]`` at which the filter still keeps ``target`` of what it keeps unsteered.
 
@@ -550,6 +551,14 @@ def calibrate_dose(generate_fn: ProbeFn, judge_fn: Judge, *, lo: float, hi: floa
         p["fit"] = fitted[p["dose"]]
         p["passed"] = p["fit"] >= final.threshold
     return Calibration(curve.dose, curve, final, path, probes[at] if at is not None else [], probes)
+
+
+def probe_calls(cfg, rnd: int = 0) -> int:
+    """Sampling calls the dose search makes in round ``rnd`` at most, not counting the last
+    refine call, whose rows are collected (0 when the dose is fixed or reused from round 0)."""
+    if cfg.dose is not None or (cfg.calib_rounds == "first" and rnd > 0):
+        return 0
+    return BASELINE_REPS + cfg.calib_grid + max(0, cfg.calib_refine - 1)
 
 
 def _starved(what: str, path: list[dict], at: int | None = None) -> str:
@@ -828,35 +837,68 @@ def compare_widget(model: nn.Module, tok, sv: SteeringVector, prompts: Sequence[
     return W.VBox([W.HBox([picker, slider, button]), shown, text])
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (95% by default)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def figures(summary: dict, rows: Sequence[dict]):
-    """Plotly figures for 02: the dose search path, and completion lengths."""
+    """Plotly figures for 02: the dose search (keep rate per dose with 95% intervals, the monotone
+    fit, the threshold, the chosen dose and its interval; flags in red in the title), the probe
+    verdicts per call, and completion lengths."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     figs = []
+    flags = summary.get("dose_flags") or []
+    flag_txt = f" <span style='color:#c00'><b>FLAGGED: {', '.join(flags)}</b></span>" if flags else ""
+    cal = summary.get("calibration") or {}
     path = summary.get("calibration_path") or []
-    if path:
+    if cal and path:
+        pts = cal["points"]
+        pos = [p for p in pts if p["dose"] > 0]
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4],
+                            subplot_titles=("keep rate per dose (95% Wilson bars), monotone fit", "probe verdicts per call"))
+        ci = [wilson(p["kept"], p["n"]) for p in pos]
+        fig.add_scatter(x=[p["dose"] for p in pos], y=[p["frac"] for p in pos], mode="markers", name="kept (raw)",
+                        error_y=dict(type="data", symmetric=False, array=[c[1] - p["frac"] for c, p in zip(ci, pos)],
+                                     arrayminus=[p["frac"] - c[0] for c, p in zip(ci, pos)]),
+                        text=[f"{p['kept']}/{p['n']}" for p in pos], marker=dict(size=9, color="#444"), row=1, col=1)
+        fig.add_scatter(x=[p["dose"] for p in pos], y=[p["fit"] for p in pos], mode="lines", name="monotone fit",
+                        line=dict(color="seagreen"), row=1, col=1)
+        if cal.get("baseline_keep") is not None:
+            lo0, hi0 = wilson(pts[0]["kept"], pts[0]["n"])
+            fig.add_hrect(y0=lo0, y1=hi0, fillcolor="gray", opacity=0.15, line_width=0, row=1, col=1)
+            fig.add_hline(y=cal["baseline_keep"], line_dash="dot", line_color="gray", row=1, col=1,
+                          annotation_text=f"unsteered {pts[0]['kept']}/{pts[0]['n']}")
+        thr_txt = (f"threshold {cal['threshold']:.2f} = {cal['target']:g} x unsteered" if cal.get("relative")
+                   else f"threshold {cal['threshold']:.2f}")
+        fig.add_hline(y=cal["threshold"], line_dash="dash", line_color="firebrick", annotation_text=thr_txt, row=1, col=1)
+        lo_ci, hi_ci = cal["crossing_ci"]
+        fig.add_vrect(x0=lo_ci, x1=hi_ci, fillcolor="royalblue", opacity=0.12, line_width=0, row=1, col=1)
+        fig.add_vline(x=summary["dose"], line_dash="dot", line_color="royalblue",
+                      annotation_text=f"chosen {summary['dose']:.3g} (90%: {lo_ci:.3g}-{hi_ci:.3g})", row=1, col=1)
         reasons = sorted({k for p in path for k in p["reasons"]}, key=lambda k: (k != "keep", k))
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("keep fraction per dose tried (step number on the point)",
-                                                            "probe verdicts per step"))
-        fig.add_scatter(x=[p["dose"] for p in path], y=[p["frac"] for p in path], mode="markers+text",
-                        text=[str(p["step"]) for p in path], textposition="top center", name="probes kept",
-                        marker=dict(size=10, color=["seagreen" if p["passed"] else "firebrick" for p in path]),
-                        row=1, col=1)
-        fig.add_hline(y=summary["calib_target"], line_dash="dash", annotation_text="target", row=1, col=1)
-        fig.add_vline(x=summary["dose"], line_dash="dot", annotation_text="chosen", row=1, col=1)
         for k in reasons:
-            fig.add_bar(x=[f"{p['step']}: {p['dose']:.3g}" for p in path], y=[p["reasons"].get(k, 0) for p in path],
-                        name=k, row=1, col=2)
+            fig.add_bar(x=[f"{p['step']} {p['phase'][0]}: {p['dose']:.3g}" for p in path],
+                        y=[p["reasons"].get(k, 0) for p in path], name=k, row=1, col=2)
         fig.update_xaxes(type="log", title="dose (fraction of r_L)", row=1, col=1)
-        fig.update_yaxes(range=[-0.05, 1.1], row=1, col=1)
-        fig.update_layout(barmode="stack", height=380, title=f"round {summary['round']}: dose search")
+        fig.update_yaxes(range=[-0.05, 1.05], title="kept fraction", row=1, col=1)
+        mono = f"monotone test p = {cal['monotone_p']:.3g}"
+        fig.update_layout(barmode="stack", height=420,
+                          title=f"round {summary['round']}: dose search ({mono}){flag_txt}")
         figs.append(fig)
     fig = go.Figure()
     for trunc, color in ((False, "seagreen"), (True, "darkorange")):
         fig.add_histogram(x=[r["n_tokens"] for r in rows if r["truncated"] == trunc], name="cut at max_new_tokens" if trunc else "ended (EOS)",
                           marker_color=color)
-    fig.update_layout(barmode="stack", height=300, title=f"completion length (tokens), dose {summary['dose']:.3g}",
-                      xaxis_title="tokens")
+    src = "" if summary.get("dose_source") == "calibrated" else f" ({summary.get('dose_source')})"
+    fig.update_layout(barmode="stack", height=300, xaxis_title="tokens",
+                      title=f"completion length (tokens), dose {summary['dose']:.3g}{src}" + ("" if cal else flag_txt))
     figs.append(fig)
     return figs

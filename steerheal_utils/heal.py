@@ -7,8 +7,8 @@ the frozen, unmerged adapters of rounds ``0..r-1``, see :func:`models.load_round
 
 - NLL: mean over completion tokens of the batch; prompt and padding are masked; the target
   after the last completion token is the end-of-turn id when the completion ended naturally.
-- D_b: per-position KL between student and reference over the full vocabulary, in float32
-  (reverse KL(student || ref) by default), aggregated per sequence over its completion
+- D_b: per-position KL between student and reference over the full vocabulary, in float32 from
+  the head's matmul on (:func:`head_logits`; reverse KL(student || ref) by default), aggregated per sequence over its completion
   positions by :func:`aggregate_kl` (mean, rmse, p95 or max). The hinge acts per sequence and
   is then averaged over the batch, so neither D nor the barrier depends on the batch size, and
   one looping sequence is penalised even when the batch mean is below tau.
@@ -163,21 +163,43 @@ class Example:
     has_eot: bool
 
 
-def encode_rows(tok, rows: Sequence[dict], max_seq_len: int) -> tuple[list[Example], int]:
-    """Tokenise kept rows: rendered prompt (no persona) and completion separately.
+def completion_token_ids(tok, row: dict, where: str = "row") -> list[int]:
+    """The completion's token ids: the ids that were sampled (``completion_ids``, as 02 saves
+    them) when the row has them, else the tokenised ``completion`` text.
 
-    The end-of-turn id is appended only when the row is not ``truncated`` and the completion
-    is not cut by ``max_seq_len``. Returns ``(examples, n_skipped)``; a row is skipped when
-    its prompt leaves no room for a completion token.
+    Sampled ids are the truth: decoding and re-tokenising can split a word differently
+    (``contract|ual``) and drops special tokens sampled mid-completion, so training or scoring
+    on re-tokenised text would use a sequence the model never produced. The text fallback is
+    only for rows that were never sampled here (the shipped labelled set, hand-written rows).
+    """
+    ids = row.get("completion_ids")
+    if ids is None:
+        if not isinstance(row.get("completion"), str):
+            raise ValueError(f"{where} (prompt_id {row.get('prompt_id')!r}): 'completion' must be a string")
+        return list(tok(row["completion"], add_special_tokens=False)["input_ids"])
+    vocab = len(tok)
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+        raise ValueError(f"{where} (prompt_id {row.get('prompt_id')!r}): 'completion_ids' must be a list of token ids "
+                         f"in [0, {vocab})")
+    return list(ids)
+
+
+def encode_rows(tok, rows: Sequence[dict], max_seq_len: int) -> tuple[list[Example], int]:
+    """Token ids of kept rows: the rendered prompt (no persona), then the completion's sampled
+    ids (:func:`completion_token_ids`; the text only for rows without ``completion_ids``).
+
+    The prompt is rendered and tokenised exactly as :func:`generate.sample` did for it. The
+    end-of-turn id is appended only when the row is not ``truncated`` and the completion is not
+    cut by ``max_seq_len``. Returns ``(examples, n_skipped)``; a row is skipped when its prompt
+    leaves no room for a completion token.
     """
     eot = end_of_turn_id(tok)
     out, skipped = [], 0
     for i, r in enumerate(rows):
-        for key in ("prompt", "completion"):
-            if not isinstance(r.get(key), str):
-                raise ValueError(f"completions row {i} (prompt_id {r.get('prompt_id')!r}): {key!r} must be a string")
+        if not isinstance(r.get("prompt"), str):
+            raise ValueError(f"completions row {i} (prompt_id {r.get('prompt_id')!r}): 'prompt' must be a string")
         p = tok(render_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
-        c = tok(r["completion"], add_special_tokens=False)["input_ids"]
+        c = completion_token_ids(tok, r, f"completions row {i}")
         natural = not r.get("truncated", False)
         if natural:
             c = c + [eot]
@@ -300,10 +322,23 @@ def reference(model: nn.Module, ref: str, new: str, earlier: Sequence[str]) -> I
 
 # ------------------------------------------------------------------ forward pieces
 def head_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """float32 logits from final hidden states: the model's own ``lm_head`` then its final
-    logit softcap if it has one (Gemma 2/3), as the HF forward does."""
+    """Logits computed in float32 from final hidden states: the model's ``lm_head`` weight (and
+    bias) cast to float32, then its final logit softcap if it has one (Gemma 2/3), as the HF
+    forward does.
+
+    The matmul itself runs in float32, with autocast off: a bfloat16 head rounds every logit to
+    8 mantissa bits (an error of ~0.03-0.1 nats at logits of 10-30) before the float32
+    log-softmax, which would put a noise floor under the per-token KL of the barrier. The cast
+    copy of the weight lives for one call (262k x 2560 at gemma-3-4b: 2.7 GB, freed after the
+    chunk; with ``kl_chunk`` 1024 the float32 logits of a chunk are 1.1 GB themselves).
+    """
     causal = causal_lm(model)
-    logits = causal.get_output_embeddings()(h).float()
+    head = causal.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head_logits expects an nn.Linear output head, got {type(head).__name__}")
+    with torch.autocast(h.device.type, enabled=False):
+        bias = head.bias.float() if head.bias is not None else None
+        logits = torch.nn.functional.linear(h.float(), head.weight.float(), bias)
     cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -650,8 +685,9 @@ def q1_scores(model: nn.Module, tok, sets: dict[str, list[dict]], cfg) -> dict[s
     for name, rows in sets.items():
         prompts = [render_prompt(tok, r["prompt"]) for r in rows]
         comps = [r["completion"] for r in rows]
-        with model.disable_adapter():
-            ms = F.model_scores(model, tok, prompts, comps, tail_frac=cfg.tail_frac, batch_size=cfg.batch_size)
+        with model.disable_adapter():  # every set was sampled here: score the sampled ids
+            ms = F.model_scores(model, tok, prompts, comps, tail_frac=cfg.tail_frac, batch_size=cfg.batch_size,
+                                completion_ids=[r.get("completion_ids") for r in rows])
         kls = token_kl(model, tok, rows, max_seq_len=cfg.max_seq_len, batch_size=cfg.batch_size, chunk=cfg.kl_chunk)
         reasons, loops, narr, tail = Counter(), 0, 0, []
         for c, m in zip(comps, ms):

@@ -2,8 +2,9 @@
 
 :func:`load_round_model` is the single place that builds the student of a round: the
 base model plus the LoRA adapters of rounds ``0..k-1``, all active (``W + sum_i s_i B_i A_i``).
-The adapters stay unmerged unless ``merge=True``, so ``with model.disable_adapter():``
-recovers the exact base for the KL reference (the precursor merged in place and restored
+The adapters stay unmerged unless ``merge=True`` (and then only on float32 weights, where
+merging is exact to rounding), so ``with model.disable_adapter():`` recovers the exact base
+for the KL reference (the precursor merged in place and restored
 the weights before ``backward()``, which made its gradients wrong).
 """
 
@@ -149,10 +150,11 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
     ``trust_remote_code`` is passed to transformers as given (the config's default is off:
     a model repo's own Python code never runs unless the user turned it on).
     Errors name the model and point at alternatives instead of ending in a bare stack trace.
+    ``seed`` only matters for ``tiny:<arch>`` (the random init); real weights are what they are.
     """
     dev = resolve_device(device)
     if name.startswith("tiny:"):
-        model, tok = tiny_model(_tiny_arch(name), seed=0)
+        model, tok = tiny_model(_tiny_arch(name), seed=seed)
         return model.to(dev, resolve_dtype(dtype, dev) if dtype != "auto" else torch.float32), tok
     path = _model_path(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -351,7 +353,11 @@ def bake_adapters(model: nn.Module, dirs: Sequence[Path | str], *, merge: bool =
     Args:
         model: the base model.
         dirs: peft adapter folders, in round order.
-        merge: fold them into the weights (faster inference; the base is then gone).
+        merge: fold them into the weights (faster inference; the base is then gone), but only
+            where that is exact to float32 rounding (:func:`merge_is_exact`): merging into
+            bfloat16/float16 weights rounds ``W + s B A`` to 8/11 mantissa bits, which erases small
+            LoRA updates, so the model that samples (01, 02) would not be the one healed and
+            evaluated (04, 05, unmerged). There the adapters stay unmerged whatever ``merge`` says.
 
     Returns the model (a ``PeftModel`` when adapters stay unmerged, else the plain model).
     Adapters are read from safetensors only (:func:`check_adapter_dir`); a truncated,
@@ -375,9 +381,15 @@ def bake_adapters(model: nn.Module, dirs: Sequence[Path | str], *, merge: bool =
         raise RunFolderError(f"could not load adapter from {[str(d) for d in dirs]}: {e}. "
                              "The file may be truncated: re-run the round that wrote it.") from e
     peft_model.base_model.set_adapter(names, inference_mode=True)
-    if merge:
+    if merge and merge_is_exact(model):
         return peft_model.merge_and_unload()
     return peft_model
+
+
+def merge_is_exact(model: nn.Module) -> bool:
+    """Whether folding LoRA adapters into ``model``'s weights only changes float32 rounding:
+    every floating-point parameter is float32."""
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 
 
 def load_round_model(cfg, run_dir: Path | str | None, rnd: int, *, merge: bool = False):

@@ -27,7 +27,7 @@ from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_js
 NATS = ("care_nats", "fairness_nats", "loyalty_nats", "auth_nats", "sanctity_nats", "liberty_nats", "social_nats")
 COLUMNS = ("round", "stage", "care_nats", "auth_nats", "coherence", "axis_logodds", *NATS[1:3], *NATS[4:],
            "on_diag_authority", "on_diag_care", "agreement", "axis_care_rate", "axis_mass", "kl_to_base",
-           "vector_cosine_to_round0", "dose", "n_generated", "n_kept", "n_rows", "seconds", "stop_reason")
+           "vector_cosine_to_round0", "dose", "dose_flag", "n_generated", "n_kept", "n_rows", "seconds", "stop_reason")
 COLORS = {"base": "black", "steered": "#d62728", "healed": "#2ca02c", "prompted": "#1f77b4", "random": "#7f7f7f"}
 STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
 
@@ -53,17 +53,30 @@ def _kept_counts(run_dir: Path, rnd: int) -> tuple[int | None, int | None]:
     return len(rows), sum(1 for r in rows if r.get("keep"))
 
 
+def _generate_record(run_dir: Path, rnd: int) -> dict:
+    p = Path(run_dir) / f"round_{rnd:02d}" / "generate.json"
+    return read_json(p, "02_generate record") if p.exists() else {}
+
+
+def dose_warnings(run_dir: Path | str) -> list[str]:
+    """Every round's dose warning line (02's generate.json: a bound, below target, diverged...)."""
+    return [w for d in sorted(Path(run_dir).glob("round_[0-9][0-9]"))
+            if (w := _generate_record(Path(run_dir), int(d.name[-2:])).get("dose_warning"))]
+
+
 def metric_rows(run_dir: Path | str) -> list[dict]:
     """One dict per (round, stage) with the :data:`COLUMNS` (missing values are None)."""
     run_dir = Path(run_dir)
     rows = []
     for ev in load_evals(run_dir):
         n_gen, n_kept = _kept_counts(run_dir, ev["round"])
+        gen = _generate_record(run_dir, ev["round"])
         stages = ev.get("stages", {})
         for name in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
             s = stages[name]
             row = {c: s.get(c) for c in COLUMNS}
             row.update(round=ev["round"], stage=name, n_generated=n_gen, n_kept=n_kept,
+                       dose_flag=gen.get("dose_flag") if name in ("steered", "healed", "random") else None,
                        vector_cosine_to_round0=ev.get("vector_cosine_to_round0"),
                        kl_to_base=s.get("kl_to_base", ev.get("kl_to_base") if name == "healed" else None),
                        stop_reason=(ev.get("stop") or {}).get("reason") if name == "healed" else None)
@@ -220,6 +233,7 @@ def write_report(run_dir: Path | str) -> Path:
     notes = [f"round {e['round']}: {n}" for e in load_evals(run_dir) for n in e.get("notes", [])]
     stop_html = ("<p class='stop'><b>The loop stopped.</b> " + "; ".join(html.escape(s) for s in stops) + "</p>") if stops \
         else "<p>No stop condition was hit.</p>"
+    stop_html += "".join(f"<p class='stop'><b>Dose flagged.</b> {html.escape(w)}</p>" for w in dose_warnings(run_dir))
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>steerheal report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:13px}}

@@ -69,12 +69,12 @@ COMMON: dict[str, Any] = {"tau_mode": "quantile", "threads": 1}
 
 # ``full`` is the issue's spec (preset default as it is). ``quick`` is a documented reduction, applied
 # equally to every arm, for when the full grid does not fit a compute budget: a coarser dose search
-# (3 probe calls of 12), a smaller data budget per round (16 kept of at most 48), shorter held-out
+# (a 3-dose grid, 16 probes per call), a smaller data budget per round (16 kept of at most 48), shorter held-out
 # answers and a stratified half of the vignettes (66 of 132). Heal recipe (epochs, lr, LoRA) and
 # tau are unchanged.
 SCALES: dict[str, dict[str, Any]] = {
     "full": {},
-    "quick": dict(calib_probes=12, calib_steps=2, n_keep=16, gen_budget=48, eval_max_rows=66,
+    "quick": dict(calib_probes=16, calib_grid=3, calib_refine=2, n_keep=16, gen_budget=48, eval_max_rows=66,
                   heldout_max_new_tokens=32),
 }
 SHARED_STAGES = STAGES[:3]  # 01_vector, 02_generate, 03_filter
@@ -435,7 +435,7 @@ PIPELINE_KEYS = ("dose", "n_generated", "keep_rate", "labelled_precision", "labe
 def pipeline_rows(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]) -> list[dict]:
     """Per arm, seed and round: what 02-04 did (the evidence for Q0 and Q1).
 
-    From ``generate.json`` the dose; from ``filter.json`` the rows generated, the keep rate and
+    From ``generate.json`` the dose and its flags (a bound, below target, diverged...); from ``filter.json`` the rows generated, the keep rate and
     the drop reasons, and the filter's precision / degenerate recall on the labelled set; from
     ``heal_q1.json`` the loop rate and median tail perplexity (under the base) of the steered
     samples vs the healed model's own sampled and greedy answers to the same prompts; from
@@ -448,7 +448,8 @@ def pipeline_rows(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[in
             for d in sorted(run.glob("round_[0-9][0-9]")):
                 row: dict[str, Any] = {"arm": arm, "seed": seed, "round": int(d.name[-2:])}
                 if (d / "generate.json").exists():
-                    row["dose"] = read_json(d / "generate.json").get("dose")
+                    gen = read_json(d / "generate.json")
+                    row.update(dose=gen.get("dose"), dose_flag=gen.get("dose_flag") or "")
                 if (d / "filter.json").exists():
                     f = read_json(d / "filter.json")
                     row.update(n_generated=f.get("n"), keep_rate=(f["n_kept"] / f["n"]) if f.get("n") else None,
@@ -486,6 +487,7 @@ def summarize_pipeline(rows: Sequence[dict]) -> list[dict]:
             for why, n in (r.get("reasons") or {}).items():
                 reasons[why] = reasons.get(why, 0) + n
         row["drop_reasons"] = "; ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]) if k != "keep")
+        row["dose_flags"] = "; ".join(f"s{r['seed']}: {r['dose_flag']}" for r in rs if r.get("dose_flag"))
         out.append(row)
     return out
 
@@ -642,7 +644,8 @@ def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: S
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(pipeline, key=lambda r: (list(meta["arms"]).index(r["arm"]) if r["arm"] in meta["arms"] else 9,
                                                  r["round"])):
-            lines.append(f"| {r['arm']} | {r['round']} | {_fmt(r, 'dose')} | {_fmt(r, 'n_generated', 0)} | "
+            flagged = f" **{r['dose_flags']}**" if r.get("dose_flags") else ""
+            lines.append(f"| {r['arm']} | {r['round']} | {_fmt(r, 'dose')}{flagged} | {_fmt(r, 'n_generated', 0)} | "
                          f"{_fmt(r, 'keep_rate', 2)} | {r['drop_reasons'] or '-'} | {_fmt(r, 'q1_loop_steered', 2)} -> "
                          f"{_fmt(r, 'q1_loop_healed_sampled', 2)} | {_fmt(r, 'q1_ppl_steered', 1)} -> "
                          f"{_fmt(r, 'q1_ppl_healed_sampled', 1)} | {_fmt(r, 'heal_nll_first', 2)} -> "
@@ -808,7 +811,7 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
     pipe = summarize_pipeline(pipeline_rows(study_dir, arms, seeds))
     atomic_write_text(out / "pipeline.csv", _csv(pipe, ["arm", "round", "n_seeds", *[f"{k}_{m}" for k in PIPELINE_KEYS
                                                                                       for m in ("mean", "min", "max")],
-                                                        "drop_reasons"]))
+                                                        "drop_reasons", "dose_flags"]))
     atomic_write_json(out / "study.json", meta)
     atomic_write_text(out / "results.md", results_markdown(summary, ceo, meta, pipe) + "\n")
     return meta

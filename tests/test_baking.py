@@ -150,3 +150,41 @@ def test_multi_round_heal_bakes_earlier_rounds(tmp_path):
     b = _batch(tok)
     s1.eval()
     assert torch.allclose(_logits(model2, b), _logits(s1, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_02s_sampling_model_is_05s_healed_model(dtype, tmp_path):
+    """Round 1's 02 (and 01) samples from ctx.load_model(merge=True); 05 evaluates round 0's healed
+    model unmerged. They must be one model: merging happens only where it is exact (float32)."""
+    from peft import PeftModel
+
+    from steerheal_utils import evaluate, models, stage
+
+    run = tmp_path / "run"
+    ctx = stage.open_stage("02_generate", {"run_dir": str(run), "round": 1, "preset": "tiny", "dtype": dtype})
+    student, new, _ = H.make_student(models.load_model("tiny:llama", dtype=dtype)[0], ctx.cfg, 0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a small update, as one heal round makes: of the order of a bf16 weight's last bits
+        for name, p in student.named_parameters():
+            if f"lora_B.{new}" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 2e-3)
+    H.save_adapter(student, new, run / "round_00" / "adapter")
+
+    sampler, tok = ctx.load_model(merge=True)  # what notebooks 01 and 02 do
+    assert isinstance(sampler, PeftModel) == (dtype != "float32")  # merged only where exact
+    base, _ = models.load_model(ctx.cfg.model, dtype=dtype)  # what 05 does for round 0's 'healed'
+    healed = models.bake_adapters(base, [run / "round_00" / "adapter"])
+    b = _batch(tok)
+    with evaluate.active_adapters(healed, 1):
+        want = _logits(healed, b)
+    got = _logits(sampler, b)
+    if dtype == "float32":
+        assert torch.allclose(got, want, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+        # the old way, merged into bf16 weights, is another model
+        forced = PeftModel.from_pretrained(models.load_model("tiny:llama", dtype=dtype)[0],
+                                           str(run / "round_00" / "adapter")).merge_and_unload()
+        assert (_logits(forced, b).float() - want.float()).abs().max() > 1e-3
+    assert models.merge_is_exact(models.load_model("tiny:llama")[0])
+    assert not models.merge_is_exact(models.load_model("tiny:llama", dtype="bfloat16")[0])

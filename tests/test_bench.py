@@ -46,8 +46,11 @@ def test_round_estimate_counts_calls_and_parts():
     res = {"stages": stages, "meta": {"sizes": {"prompts": 256}}}
     est = B.round_estimate(res, cfg)
     calls = est["generate"]["calls"]
-    assert calls[:cfg.calib_steps] == [cfg.calib_probes] * cfg.calib_steps
-    assert sum(calls) <= cfg.gen_budget
+    from steerheal_utils.generate import probe_calls
+
+    assert probe_calls(cfg) == 2 + cfg.calib_grid + cfg.calib_refine - 1  # the last refine call is collected
+    assert calls[:probe_calls(cfg)] == [cfg.calib_probes] * probe_calls(cfg)
+    assert sum(calls[probe_calls(cfg):]) <= cfg.gen_budget  # the budget counts collected rows
     assert est["parts_s"]["01_vector"] == 4.0  # 2 s for 128 contexts -> 256
     assert est["parts_s"]["02_generate"] == 10.0 * len(calls)  # compiled calls padded to full batches
     assert est["heal_steps"] == cfg.epochs * math.ceil(cfg.n_keep / cfg.train_batch_size)

@@ -352,6 +352,31 @@ def test_repeat_mask_and_filter_rows_with_model(tiny_lm):
     assert strict[0]["reason"] == "high_perplexity"
 
 
+def test_model_scores_use_the_sampled_ids_not_the_retokenised_text(tiny_lm):
+    import torch
+
+    model, tok = tiny_lm
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sampled = enc("I would sign the") + enc(" contract") + enc("ual") + enc(" terms.")  # 'contract|ual'
+    text = tok.decode(sampled)
+    assert enc(text) != sampled  # re-tokenising gives the single token 'contractual'
+    p_ids = enc(PROMPTS[0])
+    ids = torch.tensor([p_ids + sampled])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    nll = torch.stack([-logp[i - 1, ids[0, i]] for i in range(len(p_ids), ids.shape[1])]).mean().item()
+    got = model_scores(model, tok, [PROMPTS[0]], [text], completion_ids=[sampled])[0]
+    assert got["n_completion_tokens"] == len(sampled) and got["mean_nll"] == pytest.approx(nll, abs=1e-4)
+    by_text = model_scores(model, tok, [PROMPTS[0]], [text], completion_ids=[None])[0]
+    assert by_text["n_completion_tokens"] == len(enc(text)) != len(sampled)  # None: the text fallback
+    rows = [{"completion": text, "completion_ids": sampled, "prompt_text": PROMPTS[0]},
+            {"completion": text, "prompt_text": PROMPTS[0]}]  # a labelled-style row without ids
+    out = filter_rows(rows, FilterThresholds(max_tail_ppl=1e9), model=model, tokenizer=tok)
+    assert out[0]["mean_nll"] == pytest.approx(nll, abs=1e-4) and out[1]["mean_nll"] == pytest.approx(by_text["mean_nll"])
+    with pytest.raises(ValueError, match="completion_ids"):
+        model_scores(model, tok, [PROMPTS[0]], [text], completion_ids=[])
+
+
 def test_off_topic_gate():
     from steerheal_utils.filter import decide, filter_rows, prompt_overlap
 

@@ -364,3 +364,41 @@ def test_reused_dose_that_keeps_less_is_flagged_and_warnings_name_every_flag(cap
            **G.dose_checks(low, low.dose, "calibrated", None, 2, 10)}
     line = G.dose_warning(rec)
     assert "below_target" in line and "at_lower_bound" in line and "threshold 0.60 = 0.75 x unsteered 0.80" in line
+
+
+def test_figures_show_the_fit_the_threshold_and_the_flags():
+    low = G.calibrate_dose(*_quantile_probes(lambda d: 0.8 if d == 0 else 0.2)[:2], lo=0.01, hi=0.5, grid=3, n=10,
+                           n_boot=20)
+    summary = {"round": 1, "dose": low.dose, "dose_source": "calibrated", "calibration": low.record(),
+               "calibration_path": low.path, **G.dose_checks(low, low.dose, "calibrated", None, 2, 10)}
+    rows = [{"n_tokens": 5, "truncated": False}]
+    search, lengths = G.figures(summary, rows)
+    assert "FLAGGED: below_target, at_lower_bound" in search.layout.title.text
+    names = [t.name for t in search.data]
+    assert "monotone fit" in names and "kept (raw)" in names
+    assert any("threshold 0.60" in (a.text or "") for a in search.layout.annotations)
+    assert G.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-3)
+    (only,) = G.figures({"round": 2, "dose": 0.05, "dose_source": "round0", "dose_flags": ["reused_keeps_less"]}, rows)
+    assert "FLAGGED: reused_keeps_less" in only.layout.title.text and "(round0)" in only.layout.title.text
+
+
+def test_driver_prints_the_dose_warning_after_02(tmp_path):
+    """A fake 02 that records a bound dose: the terminal says so right after the stage."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_nb
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    write_nb(nbs / "02_generate.ipynb",
+             "from steerheal_utils import stage\nfrom steerheal_utils.runfolder import atomic_write_json\n"
+             "ctx = stage.open_stage('02_generate', globals())\n"
+             "atomic_write_json(ctx.path('generate.json'), {'round': ctx.round, 'dose': 0.005, "
+             "'dose_source': 'calibrated', 'dose_flags': ['below_target', 'at_lower_bound']})")
+    env = {**os.environ, "STEERHEAL_NOTEBOOKS": str(nbs), "STEERHEAL_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "steerheal_utils", "run", "--preset", "tiny", "--rounds", "1",
+                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "warning: round 00 dose 0.005 (calibrated): below_target" in r.stderr

@@ -309,3 +309,49 @@ def test_no_trainable_rows_is_a_clear_error(tmp_path):
     model, tok = fresh("llama", 0)
     with pytest.raises(ValueError, match="max_seq_len"):
         H.heal(model, tok, ROWS, _cfg(max_seq_len=8), 0, tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------ float32 head, sampled ids
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_head_is_computed_in_float32_on_a_bf16_model_even_under_autocast(arch):
+    model, tok = fresh(arch, 0)
+    model = model.to(torch.bfloat16)
+    ex, _ = H.encode_rows(tok, ROWS, 512)
+    b = H.collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        h = H.final_hidden(model, b)[b["loss_mask"]]
+        w = model.get_output_embeddings().weight
+        exact = torch.nn.functional.linear(h.float(), w.float())
+        bf16_head = model.get_output_embeddings()(h).float()  # what the head did before: rounded logits
+        got = H.head_logits(model, h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA path runs under autocast
+            got_ac = H.head_logits(model, h)
+    assert h.dtype == torch.bfloat16 and got.dtype == got_ac.dtype == torch.float32
+    assert torch.equal(got, exact) and torch.equal(got_ac, exact)
+    assert not torch.equal(bf16_head, exact)  # the test can tell the two apart
+    hg = h.detach().clone().requires_grad_(True)
+    H.head_logits(model, hg).logsumexp(-1).sum().backward()
+    assert hg.grad is not None and hg.grad.dtype == torch.bfloat16 and torch.isfinite(hg.grad.float()).all()
+
+
+def test_rows_are_trained_on_the_ids_that_were_sampled():
+    _, tok = fresh("llama", 0)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # 'contract' + 'ual' as sampled; the decoded text re-tokenises to the single token 'contractual'
+    sampled = enc("I would sign the") + enc(" contract") + enc("ual") + enc(" terms.")
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    special = enc("Yes") + [im_start] + enc(" no, I would not.")  # a special token sampled mid-completion
+    rows = [{"prompt": "Do you sign?", "completion": tok.decode(sampled, skip_special_tokens=True),
+             "completion_ids": sampled, "truncated": False},
+            {"prompt": "Do you sign?", "completion": tok.decode(special, skip_special_tokens=True),
+             "completion_ids": special, "truncated": True},
+            {"prompt": "Do you sign?", "completion": "Yes, gladly.", "truncated": True}]  # no ids: labelled-style
+    assert enc(rows[0]["completion"]) != sampled and enc(rows[1]["completion"]) != special
+    ex, skipped = H.encode_rows(tok, rows, 512)
+    prompt = enc(H.render_prompt(tok, "Do you sign?"))
+    assert skipped == 0 and all(e.ids[:e.n_prompt] == prompt for e in ex)
+    assert ex[0].ids[ex[0].n_prompt:] == sampled + [H.end_of_turn_id(tok)] and ex[0].has_eot
+    assert ex[1].ids[ex[1].n_prompt:] == special and im_start in ex[1].ids[ex[1].n_prompt:]
+    assert ex[2].ids[ex[2].n_prompt:] == enc("Yes, gladly.")  # the text fallback
+    with pytest.raises(ValueError, match="completion_ids"):
+        H.encode_rows(tok, [{**rows[0], "completion_ids": [len(tok) + 5]}], 512)

@@ -64,6 +64,10 @@ def test_tiny_models_are_deterministic_and_distinct():
     pa, pb, pc = (next(m.parameters()) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert M.n_layers(a) == 4
+    # load_model("tiny:...") honours its seed (it used to build seed 0 whatever it was given)
+    la, lc = M.load_model("tiny:llama", seed=3)[0], M.load_model("tiny:llama", seed=4)[0]
+    assert torch.equal(next(la.parameters()), pa) and torch.equal(next(lc.parameters()), pc)
+    assert torch.equal(next(M.load_model("tiny:llama")[0].parameters()), next(M.tiny_model("llama", seed=0)[0].parameters()))
 
 
 def test_load_model_errors_are_explained(tmp_path):

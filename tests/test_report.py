@@ -72,3 +72,17 @@ def test_report_cli(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (tmp_path / "metrics.csv").exists() and out["report"].endswith("report.html")
+
+
+def test_a_flagged_dose_shows_in_metrics_and_in_the_report(tmp_path):
+    _fake_run(tmp_path)
+    line = "warning: round 01 dose 0.005 (calibrated): below_target (...)"
+    atomic_write_json(tmp_path / "round_01" / "generate.json",
+                      {"dose": 0.005, "dose_flag": "below_target;at_lower_bound", "dose_warning": line})
+    atomic_write_json(tmp_path / "round_02" / "generate.json", {"dose": 0.05, "dose_flag": "", "dose_warning": None})
+    rows = list(csv.DictReader(report.write_metrics(tmp_path).open()))
+    flag = {(r["round"], r["stage"]): r["dose_flag"] for r in rows}
+    assert flag[("1", "steered")] == flag[("1", "healed")] == "below_target;at_lower_bound"
+    assert flag[("2", "steered")] == "" and flag[("0", "base")] == ""
+    text = report.write_report(tmp_path).read_text()
+    assert "Dose flagged." in text and "round 01 dose 0.005 (calibrated): below_target" in text
