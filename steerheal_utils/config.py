@@ -189,14 +189,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
-    # took 11 min, heal 12 steps 4 min. Per round now: 64 vector prompts; the dose search (2 calls
-    # at dose 0, 4 grid doses, 3 refine calls, each 32 x 48 tokens; the last call's rows are
-    # collected), then collection to 24 kept of at most 64; heal 2 epochs x 3 steps of 8 rows.
+    # took 11 min, heal 12 steps 4 min. Per round now: 64 vector prompts; in round 0 the dose search
+    # (2 calls at dose 0, 4 grid doses, 3 refine calls, each 32 x 48 tokens, ~13.7k tokens; the last
+    # call's rows are collected; 02 took ~250 s on a shared 2-core box), later rounds reuse that dose
+    # (calib_rounds=first: a search every round would add ~3 min per round); collection to 24 kept
+    # of at most 64; heal 2 epochs x 3 steps of 8 rows.
     "default": dict(
         model="smollm2-135m-instruct", n_contexts=32, max_new_tokens=48, gen_batch_size=32,
         # 02: at the median-norm unit, 0.02 kept 8/12 (4 off-topic) and 0.14 kept 2/12, so the
         # range reaches below 0.02 for a dose that meets the target.
-        calib_lo=0.005, calib_hi=0.3, calib_probes=32, calib_grid=4, calib_refine=3, n_keep=24, gen_budget=64,
+        calib_lo=0.005, calib_hi=0.3, calib_probes=32, calib_grid=4, calib_refine=3, calib_rounds="first",
+        n_keep=24, gen_budget=64,
         # SmolLM2's 48-token answers are loosely on-topic even unsteered: at dose 0.005 the 0.1
         # overlap gate dropped 6/16. Overlap 0 (unrelated prose, what strong steering produces) is
         # still dropped at 0.05. The keep target is relative to the unsteered rate (calib_relative).
