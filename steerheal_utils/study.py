@@ -435,9 +435,9 @@ PIPELINE_KEYS = ("dose", "n_generated", "keep_rate", "labelled_precision", "labe
 def pipeline_rows(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]) -> list[dict]:
     """Per arm, seed and round: what 02-04 did (the evidence for Q0 and Q1).
 
-    From ``generate.json`` the dose and its flags (a bound, below target, diverged...); from ``filter.json`` the rows generated, the keep rate and
-    the drop reasons, and the filter's precision / degenerate recall on the labelled set; from
-    ``heal_q1.json`` the loop rate and median tail perplexity (under the base) of the steered
+    From ``generate.json`` the dose and its flags (a bound, below target, diverged...); from
+    ``filter.json`` the rows generated, the keep rate and the drop reasons, and the filter's
+    precision / degenerate recall on the labelled set; from ``heal_q1.json`` the loop rate and median tail perplexity (under the base) of the steered
     samples vs the healed model's own sampled and greedy answers to the same prompts; from
     ``heal.json`` the NLL at the first and last step and the fraction of rows the barrier bit on.
     """

@@ -188,3 +188,18 @@ def test_report_refuses_runs_made_with_another_config(tmp_path):
     study.check_run_configs(tmp_path, ["rmse"], [0], "quick", "tiny")  # the same settings: fine
     with pytest.raises(study.StudyError, match="another config.*n_keep"):
         study.check_run_configs(tmp_path, ["rmse"], [0], "full", "tiny")
+
+
+def test_pipeline_table_shows_flagged_doses(tmp_path):
+    from steerheal_utils.runfolder import atomic_write_json
+
+    for seed, flag in ((0, "below_target;at_lower_bound"), (1, "")):
+        atomic_write_json(tmp_path / study.run_name("rmse", seed) / "round_01" / "generate.json",
+                          {"dose": 0.005 if flag else 0.05, "dose_flag": flag})
+    rows = study.pipeline_rows(tmp_path, ["rmse"], [0, 1])
+    assert [r["dose_flag"] for r in rows] == ["below_target;at_lower_bound", ""]
+    (summary,) = study.summarize_pipeline(rows)
+    assert summary["dose_flags"] == "s0: below_target;at_lower_bound"
+    meta = {"scale": "quick", "preset": "default", "rounds": 2, "seeds": [0, 1], "command": "x", "arms": ["rmse"]}
+    md = study.results_markdown([], {"prompt_id": "p", "seed": 0, "arms": {}}, meta, [summary])
+    assert "| rmse | 1 | 0.028 [0.005, 0.050] **s0: below_target;at_lower_bound** |" in md
