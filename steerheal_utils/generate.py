@@ -423,7 +423,9 @@ class Calibration:
                                 ("at_upper_bound", c.where == "upper"), ("non_monotone", c.non_monotone)) if on]
 
     def record(self) -> dict:
-        """What generate.json keeps of the search (JSON-ready)."""
+        """What generate.json keeps of the search (JSON-ready): ``points`` are the raw rates and the
+        fit over every probe (:attr:`final`); ``threshold``, ``where``, ``crossing_ci`` and the
+        monotonicity test are those of the fit the dose was chosen from (:attr:`curve`)."""
         c, f = self.curve, self.final
         return {"target": c.target, "relative": c.relative, "baseline_keep": c.baseline, "threshold": c.threshold,
                 "where": c.where, "crossing_ci": list(c.ci), "monotone_deviance": c.deviance,
