@@ -600,8 +600,11 @@ def run_stage(ctx, progress: bool = True) -> dict:
 
     Stages: ``steered`` (round model + this round's vector at 02's dose), ``healed`` (adapters
     of rounds 0..round, no vector); at round 0 also ``base`` and the controls ``prompted``
-    (persona as system prompt) and ``random`` (random vector with the same per-layer norms and
-    dose; every round if ``controls_every_round``). The base weights are loaded once; stages
+    (persona as system prompt) and the band ``random_00``... (``n_controls`` random rotations of
+    the vector, each at the dose that matches the persona's next-token KL at the assistant tag:
+    :mod:`steerheal_utils.controls`; every round if ``controls_every_round``). Every stage gets
+    bootstrap CIs and deltas vs base, the round the band's summary (:func:`add_evidence`).
+    The base weights are loaded once; stages
     switch adapters and hooks. Stages whose inputs are missing (no vector, no dose, no
     adapter yet) are skipped with a note. Each finished stage is saved to
     ``round_NN/eval_stages/<stage>.json`` with its :func:`stage_fingerprint`; a stage whose saved
@@ -666,7 +669,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
         if res is not None:
             notes.append(f"{name}: read from {EVAL_STAGE_DIR}/{name}.json (same fingerprint: same inputs), not recomputed")
         else:
-            stage_dose, match = dose, None
+            this_dose, match = dose, None
             if controls.is_control_name(name):
                 with active_adapters(model, k):
                     matcher = matcher or controls.KLMatcher(
@@ -674,10 +677,10 @@ def run_stage(ctx, progress: bool = True) -> dict:
                         max_ratio=cfg.control_max_dose_ratio, positions=cfg.steer_positions,
                         halflife=cfg.dose_halflife, batch_size=cfg.batch_size)
                     match = matcher.match(vec)
-                stage_dose = match["dose"]
-            with active_adapters(model, k), steer(model, vec, stage_dose or 0.0):
+                this_dose = match["dose"]
+            with active_adapters(model, k), steer(model, vec, this_dose or 0.0):
                 res = evaluate_model(model, tok, rows, system=system, **kw)
-            res["summary"]["dose"] = stage_dose if vec is not None else 0.0
+            res["summary"]["dose"] = this_dose if vec is not None else 0.0
             if match is not None:
                 res["summary"].update(controls.match_record(match, vec))
             saved_at.parent.mkdir(exist_ok=True)

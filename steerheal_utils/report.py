@@ -432,7 +432,7 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
         if x:
             y = [max(1 - v, 1e-6) for v in c]
             yerr = [[max(v - a, 0) for v, a in zip(c, lo)], [max(b - v, 0) for v, b in zip(c, hi)]]  # 1 - c flips the bounds
-            ax.errorbar(x, y, yerr=[[min(e, v - 1e-7) for e, v in zip(yerr[1], y)], yerr[0]],
+            ax.errorbar(x, y, yerr=[[max(min(e, v - 1e-6), 0) for e, v in zip(yerr[1], y)], yerr[0]],
                         fmt=":" if stage == "random" else "o-", color=COLORS[stage],
                         label="random band (mean, min-max)" if stage == "random" else stage, capsize=3)
     ax.set_yscale("log")
