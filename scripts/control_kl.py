@@ -43,42 +43,57 @@ def shared(sv: SteeringVector, seed: int) -> SteeringVector:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dose", type=float, default=0.076)
-    ap.add_argument("--n", type=int, default=8, help="controls of each kind")
+    ap.add_argument("--n", type=int, default=8, help="rotations (the band)")
+    ap.add_argument("--n-other", type=int, default=3, help="controls of the other two kinds")
     ap.add_argument("--contexts", type=int, default=32)
+    ap.add_argument("--match-prompts", type=int, default=None, help="dilemmas for the match (default: the preset's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = C.resolve("default")
+    res: dict = {"dose": args.dose}
+
+    def show(key, value):
+        res[key] = value
+        print(f"{key}: {json.dumps(value)}", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
     model, tok = models.load_model(cfg.model)
     model.eval()
     layers = cfg.steered_layers(models.n_layers(model))
     ctx = load_contexts(args.contexts, seed=0)
     sv, _ = extract_vector(model, tok, [c["text"] for c in ctx], cfg.pos_persona, cfg.neg_persona, layers, batch_size=16)
     g = sv.gram()
-    cos = g / torch.outer(g.diagonal().sqrt(), g.diagonal().sqrt())
+    show("layers", layers)
+    show("layer_cosines", [[round(float(x), 3) for x in row] for row in g / torch.outer(g.diagonal().sqrt(), g.diagonal().sqrt())])
     prompts = controls.kl_prompts(tok)
     t0 = time.time()
     ref = controls.tag_logprobs(model, tok, prompts)
-    t_ref = time.time() - t0
+    show("seconds_per_kl_pass_48_prompts", round(time.time() - t0, 1))
 
     def kl(v, d=args.dose):
-        return controls.tag_kl(model, tok, prompts, v, d, ref=ref)
+        return round(controls.tag_kl(model, tok, prompts, v, d, ref=ref), 4)
 
+    show("persona_kl_48", kl(sv))
+    show("independent_kl_48", [kl(independent(sv, s)) for s in range(args.n_other)])
+    show("shared_direction_kl_48", [kl(shared(sv, s)) for s in range(args.n_other)])
+    seeds = controls.control_seeds(0, args.n)
+    show("rotation_kl_48_same_dose", [kl(sv.rotated(s)) for s in seeds[:args.n_other]])
+    n_match = cfg.control_kl_prompts if args.match_prompts is None else args.match_prompts
+    mp = controls.kl_prompts(tok, n_match)
     t0 = time.time()
-    persona = kl(sv)
-    t_one = time.time() - t0
-    res = {"layers": layers, "dose": args.dose, "n_prompts": len(prompts), "layer_cosines": cos.round(decimals=3).tolist(),
-           "persona_kl": persona, "seconds_ref": round(t_ref, 2), "seconds_per_kl": round(t_one, 2),
-           "independent_kl": [kl(independent(sv, s)) for s in range(args.n)],
-           "shared_direction_kl": [kl(shared(sv, s)) for s in range(args.n)],
-           "rotation_kl_same_dose": [kl(sv.rotated(s)) for s in controls.control_seeds(0, args.n)]}
-    t0 = time.time()
-    target, band = controls.match_band(model, tok, sv, args.dose, controls.control_seeds(0, args.n), prompts=prompts)
-    res["match_seconds"] = round(time.time() - t0, 1)
-    res["matched"] = [{k: m[k] for k in ("seed", "dose", "ratio", "kl", "matched", "steps", "reason")} for _, m in band]
-    print(json.dumps(res, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    m = controls.KLMatcher(model, tok, sv, args.dose, mp, tol=cfg.control_kl_tol, max_ratio=cfg.control_max_dose_ratio)
+    show(f"persona_kl_{len(mp)}", round(m.target, 4))
+    band = []
+    for s in seeds:
+        r = m.match(sv.rotated(s))
+        band.append({"seed": s, "dose": round(r["dose"], 5), "ratio": round(r["ratio"], 3), "kl": round(r["kl"], 4),
+                     "matched": r["matched"], "steps": r["steps"]})
+        show("matched", band)
+    show("match_seconds", round(time.time() - t0, 1))
+    # does a dose matched on the match prompts also match on all 48?
+    show("matched_kl_48", [kl(sv.rotated(b["seed"]), b["dose"]) for b in band[:args.n_other]])
 
 
 if __name__ == "__main__":

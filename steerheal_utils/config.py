@@ -207,6 +207,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         lora_r=16, lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
         # heal: few steps, so a larger LoRA learning rate than at 4B.
         epochs=2, lr=5e-4, q1_prompts=4,
+        # 05's control band: the KL match over 16 of the 48 dilemmas (a 48-prompt KL pass costs ~40% of
+        # one vignette eval here; ~3 passes per control).
+        control_kl_prompts=16,
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(

@@ -659,7 +659,8 @@ def run_stage(ctx, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     stages, all_rows, stage_rows = {}, [], {}
-    matcher = None  # the controls' KL matching (controls.KLMatcher), made when the first control needs it
+    matches = None  # the band's KL-matched doses (controls.band_matches), made when the first control needs them
+    band = [(name, vec) for name, _, vec, _ in plan if controls.is_control_name(name)]
     # one bar over the stages: per-batch bars would store dozens of widgets in the executed notebook
     for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
         # a control's fingerprint holds the persona's dose: its matched dose is derived from it (and the vector)
@@ -672,11 +673,14 @@ def run_stage(ctx, progress: bool = True) -> dict:
             this_dose, match = dose, None
             if controls.is_control_name(name):
                 with active_adapters(model, k):
-                    matcher = matcher or controls.KLMatcher(
-                        model, tok, sv, dose, controls.kl_prompts(tok, cfg.control_kl_prompts), tol=cfg.control_kl_tol,
-                        max_ratio=cfg.control_max_dose_ratio, positions=cfg.steer_positions,
-                        halflife=cfg.dose_halflife, batch_size=cfg.batch_size)
-                    match = matcher.match(vec)
+                    matches = matches or controls.band_matches(
+                        ctx.path(f"{EVAL_STAGE_DIR}/control_match.json"),
+                        stage_fingerprint(cfg, ctx.seed, "control_match", stack[:k], vec_path, dose, None),
+                        lambda: controls.KLMatcher(
+                            model, tok, sv, dose, controls.kl_prompts(tok, cfg.control_kl_prompts), tol=cfg.control_kl_tol,
+                            max_ratio=cfg.control_max_dose_ratio, positions=cfg.steer_positions,
+                            halflife=cfg.dose_halflife, batch_size=cfg.batch_size), band)
+                match = matches[name]
                 this_dose = match["dose"]
             with active_adapters(model, k), steer(model, vec, this_dose or 0.0):
                 res = evaluate_model(model, tok, rows, system=system, **kw)
