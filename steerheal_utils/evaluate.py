@@ -792,10 +792,18 @@ def add_evidence(out: dict, stage_rows: dict[str, list[dict]], rows: Sequence[di
 
 
 def summary_table(result: dict) -> list[dict]:
-    """One flat dict per stage for display (the headline metrics only)."""
+    """One flat dict per stage for display: the headline metrics, each of the first four with its CI as ``<k>_ci``."""
     keys = ("auth_nats", "care_nats", "coherence", "axis_logodds", "on_diag_authority", "on_diag_care", "agreement", "dose", "seconds")
-    return [{"stage": name, **{k: (round(s[k], 4) if isinstance(s.get(k), float) else s.get(k)) for k in keys}}
-            for name, s in result["stages"].items()]
+    out = []
+    for name, s in result["stages"].items():
+        row = {"stage": name}
+        for k in keys:
+            row[k] = round(s[k], 4) if isinstance(s.get(k), float) else s.get(k)
+            if k in keys[:4]:
+                lo, hi = (s.get("ci") or {}).get(k, (None, None))
+                row[f"{k}_ci"] = f"[{lo:.4f}, {hi:.4f}]" if isinstance(lo, float) and isinstance(hi, float) else None
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------ command line

@@ -4,12 +4,15 @@ Everything is rebuilt from the ``round_*/eval.json`` files, so the report of a c
 resumed run is always consistent with what the rounds wrote. Panels:
 
 - A: on-target scores per stage over rounds (auth_nats, care_nats, axis probe): base as a
-  star, steered red, healed green, the prompted and random controls as references;
-- B: log-incoherence ``1 - coherence`` on a log axis (down = coherent), steered vs healed;
-- C: the care-vs-authority map of the trajectory;
+  star, steered red, healed green, each with its 95% paired-bootstrap CI as error bars; the
+  prompted control as a reference line, the random-control band as a grey area (its lowest to
+  its highest control) with its mean dotted;
+- B: log-incoherence ``1 - coherence`` on a log axis (down = coherent), with CIs;
+- C: the care-vs-authority map of the trajectory (grey dots: the controls);
 - D: drift: cosine of each round's vector to round 0's, KL of the healed model to base;
 
-then the outputs-over-loop table (the healed model's greedy answer to each held-out prompt,
+then the metrics table (with CIs), the control band (matched doses and KLs, where the steered
+model falls in it, controls that missed their KL match in red), the outputs-over-loop table (the healed model's greedy answer to each held-out prompt,
 per round) and the config. ``steerheal report DIR`` writes them for any run folder.
 """
 
