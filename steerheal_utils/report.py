@@ -436,7 +436,7 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
             y = [max(1 - v, 1e-6) for v in c]
             yerr = [[max(v - a, 0) for v, a in zip(c, lo)], [max(b - v, 0) for v, b in zip(c, hi)]]  # 1 - c flips the bounds
             ax.errorbar(x, y, yerr=[[max(min(e, v - 1e-6), 0) for e, v in zip(yerr[1], y)], yerr[0]],
-                        fmt=":" if stage == "random" else "o-", color=COLORS[stage],
+                        fmt="s:" if stage == "random" else "o-", mfc="none" if stage == "random" else None, color=COLORS[stage],
                         label="random band (mean, min-max)" if stage == "random" else stage, capsize=3)
     ax.set_yscale("log")
     ax.set_title("B: 1 - coherence (down = coherent)")
@@ -453,8 +453,10 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
                 alpha=0.6, label="random controls")
     from matplotlib.ticker import MaxNLocator
 
+    rounds = sorted({r["round"] for r in rows}) or [0]
     for a in axes[:4]:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        a.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)  # a band spans the rounds, not matplotlib's +-0.05
     ax.set_xlabel("auth_nats")
     ax.set_ylabel("care_nats")
     ax.set_title("C: care vs authority")
