@@ -405,7 +405,7 @@ def _collect_calls(n_keep: int, budget: int, batch: int, probes_kept: int, n_pro
 
 
 def round_estimate(result: dict, cfg, n_pool: int = 48) -> dict:
-    """One round of a preset from the measured rates (a round >= 1: steered + random + healed evals).
+    """One round of a preset from the measured rates (a round >= 1: steered, the control band, healed evals).
 
     Generation: :func:`generate.probe_calls` probe calls of ``calib_probes`` rows, then collection calls until
     ``n_keep`` are kept at a keep rate of ``calib_target``; compiled calls are padded to full
@@ -454,7 +454,7 @@ def round_estimate(result: dict, cfg, n_pool: int = 48) -> dict:
     evals = [r for k, r in st.items() if k.startswith("eval_") and k != "eval_naive_b1"]
     if evals:
         per_eval = statistics.mean(r["seconds"] for r in evals)
-        n_eval = 2 + ("random" in cfg.controls and cfg.controls_every_round)
+        n_eval = 2 + (cfg.n_controls if "random" in cfg.controls and cfg.controls_every_round else 0)  # + the band
         parts["05_eval"] = per_eval * n_eval
         est["evals_per_round"] = n_eval
     est["parts_s"] = {k: round(x, 1) for k, x in parts.items()}

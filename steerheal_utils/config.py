@@ -142,8 +142,14 @@ class Config:
     eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (faithful) or prefix (shared-prefix KV reuse, faster)", choices=("tinymfv", "prefix"))
     eval_max_rows: int = knob(0, "stratified subset of vignettes; 0 = all", lo=0)
     think_tokens: int = knob(0, "greedy 'think' tokens before the forced answer; 0 = answer directly", lo=0)
-    controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (random vector, same norms)")
-    controls_every_round: bool = knob(False, "evaluate the random-vector control every round, not only round 0")
+    controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (a band of random rotations of the vector, KL-matched doses)")
+    controls_every_round: bool = knob(False, "evaluate the random-vector control band every round, not only round 0")
+    n_controls: int = knob(8, "random-vector controls in the band (random_00...): each a random rotation of the persona vector (norms and cross-layer cosines kept) at a dose matched to the persona's KL", lo=2)
+    control_kl_tol: float = knob(0.1, "a control's dose is matched when its next-token KL at the assistant tag is within this relative error of the persona's", lo=0.001, hi=0.9)
+    control_max_dose_ratio: float = knob(10.0, "a control's matched dose may be at most this multiple of the persona's dose (a control that needs more is flagged 'unmatched')", lo=1.0)
+    control_kl_prompts: int = knob(0, "dilemma prompts the control KL is averaged over (the first N of the 48); 0 = all", lo=0)
+    n_boot: int = knob(2000, "bootstrap resamples for the CIs of every eval metric and delta (vignettes and probe items resampled separately, paired across models)", lo=10)
+    ci_level: float = knob(0.95, "coverage of the percentile bootstrap intervals", lo=0.5, hi=0.999)
     coh_floor: float = knob(0.0, "stop the loop after a healed round whose coherence is below this", lo=0.0, hi=1.0)
     heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1)
     probe_max_items: int = knob(0, "on-axis probe items used (the first N); 0 = all", lo=0)
@@ -185,7 +191,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_keep=8, gen_budget=16, calib_probes=4, calib_grid=2, calib_refine=1, min_train=1,
         strict=False, max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
         train_batch_size=4, max_seq_len=256, q1_prompts=4, eval_max_rows=14, heldout_max_new_tokens=8,
-        controls=["prompted", "random"], probe_max_items=8,
+        controls=["prompted", "random"], probe_max_items=8, n_controls=2, control_kl_prompts=8,
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
@@ -207,6 +213,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         lora_r=16, lora_alpha=32.0, eval_layout="prefix", heldout_max_new_tokens=48,
         # heal: few steps, so a larger LoRA learning rate than at 4B.
         epochs=2, lr=5e-4, q1_prompts=4,
+        # 05's control band: the KL match over 16 of the 48 dilemmas (a 48-prompt KL pass costs ~40% of
+        # one vignette eval here; ~3 passes per control).
+        control_kl_prompts=16,
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(

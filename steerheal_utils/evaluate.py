@@ -600,14 +600,17 @@ def run_stage(ctx, progress: bool = True) -> dict:
 
     Stages: ``steered`` (round model + this round's vector at 02's dose), ``healed`` (adapters
     of rounds 0..round, no vector); at round 0 also ``base`` and the controls ``prompted``
-    (persona as system prompt) and ``random`` (random vector with the same per-layer norms and
-    dose; every round if ``controls_every_round``). The base weights are loaded once; stages
+    (persona as system prompt) and the band ``random_00``... (``n_controls`` random rotations of
+    the vector, each at the dose that matches the persona's next-token KL at the assistant tag:
+    :mod:`steerheal_utils.controls`; every round if ``controls_every_round``). Every stage gets
+    bootstrap CIs and deltas vs base, the round the band's summary (:func:`add_evidence`).
+    The base weights are loaded once; stages
     switch adapters and hooks. Stages whose inputs are missing (no vector, no dose, no
     adapter yet) are skipped with a note. Each finished stage is saved to
     ``round_NN/eval_stages/<stage>.json`` with its :func:`stage_fingerprint`; a stage whose saved
     fingerprint matches is read back instead of recomputed (noted in ``notes``).
     """
-    from . import models
+    from . import controls, models
     from .runfolder import atomic_write_json, atomic_write_jsonl, round_dir
     from .vector import SteeringVector, check_vector_matches, steer
 
@@ -648,27 +651,46 @@ def run_stage(ctx, progress: bool = True) -> dict:
     if sv is not None and dose is not None:
         plan.append(("steered", r, sv, None))
         if "random" in cfg.controls and (r == 0 or cfg.controls_every_round):
-            plan.append(("random", r, sv.random_like(ctx.seed), None))
+            plan += [(controls.control_name(i), r, sv.rotated(s), None)
+                     for i, s in enumerate(controls.control_seeds(ctx.seed, cfg.n_controls))]
     if healed_ok:
         plan.append(("healed", r + 1, None, None))
 
     from tqdm.auto import tqdm
 
-    stages, all_rows = {}, []
+    stages, all_rows, stage_rows = {}, [], {}
+    matches = None  # the band's KL-matched doses (controls.band_matches), made when the first control needs them
+    band = [(name, vec) for name, _, vec, _ in plan if controls.is_control_name(name)]
     # one bar over the stages: per-batch bars would store dozens of widgets in the executed notebook
     for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
+        # a control's fingerprint holds the persona's dose: its matched dose is derived from it (and the vector)
         fp = stage_fingerprint(cfg, ctx.seed, name, stack[:k], vec_path if vec is not None else None, dose, system)
         saved_at = ctx.path(f"{EVAL_STAGE_DIR}/{name}.json")
         res = _cached_stage(saved_at, fp)
         if res is not None:
             notes.append(f"{name}: read from {EVAL_STAGE_DIR}/{name}.json (same fingerprint: same inputs), not recomputed")
         else:
-            with active_adapters(model, k), steer(model, vec, dose or 0.0):
+            this_dose, match = dose, None
+            if controls.is_control_name(name):
+                with active_adapters(model, k):
+                    matches = matches or controls.band_matches(
+                        ctx.path(f"{EVAL_STAGE_DIR}/control_match.json"),
+                        stage_fingerprint(cfg, ctx.seed, "control_match", stack[:k], vec_path, dose, None),
+                        lambda: controls.KLMatcher(
+                            model, tok, sv, dose, controls.kl_prompts(tok, cfg.control_kl_prompts), tol=cfg.control_kl_tol,
+                            max_ratio=cfg.control_max_dose_ratio, positions=cfg.steer_positions,
+                            halflife=cfg.dose_halflife, batch_size=cfg.batch_size), band)
+                match = matches[name]
+                this_dose = match["dose"]
+            with active_adapters(model, k), steer(model, vec, this_dose or 0.0):
                 res = evaluate_model(model, tok, rows, system=system, **kw)
-            res["summary"]["dose"] = dose if vec is not None else 0.0
+            res["summary"]["dose"] = this_dose if vec is not None else 0.0
+            if match is not None:
+                res["summary"].update(controls.match_record(match, vec))
             saved_at.parent.mkdir(exist_ok=True)
             atomic_write_json(saved_at, {"fingerprint": fp, "summary": res["summary"], "rows": res["rows"]}, indent=None)
         stages[name] = res["summary"]
+        stage_rows[name] = res["rows"]
         all_rows += [{"stage": name, **row} for row in res["rows"]]
         print(f"{name}: auth_nats {res['summary']['auth_nats']:.3f}  care_nats {res['summary']['care_nats']:.3f}  "
               f"coherence {res['summary']['coherence']:.3f}  axis {res['summary'].get('axis_logodds', float('nan')):+.3f}  "
@@ -676,6 +698,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
 
     out: dict = {"round": r, "stages": stages, "notes": notes, "n_vignettes": len(rows), "n_probe": len(probe),
                  "vignettes": cfg.vignettes or "mfv_classic_other_violate.jsonl", "dose": dose}
+    add_evidence(out, stage_rows, rows, run_dir=ctx.run_dir, seed=ctx.seed, n_boot=cfg.n_boot, level=cfg.ci_level)
     heldout = load_heldout()
     if healed_ok:
         recs, pids, ans = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)
@@ -697,11 +720,90 @@ def run_stage(ctx, progress: bool = True) -> dict:
     return out
 
 
+def _round0_base(run_dir: Path) -> tuple[dict, list[dict]] | None:
+    """Round 0's base summary and per-row records (eval.json + eval_rows.jsonl), or None if absent."""
+    from .runfolder import read_json, read_jsonl, round_dir
+
+    d = round_dir(run_dir, 0)
+    if not (d / "eval.json").exists() or not (d / "eval_rows.jsonl").exists():
+        return None
+    base = read_json(d / "eval.json", "round 0 eval record").get("stages", {}).get("base")
+    rows = [r for r in read_jsonl(d / "eval_rows.jsonl", "round 0 eval rows") if r.get("stage") == "base"]
+    return (base, rows) if base and rows else None
+
+
+def human_majority(rows: Sequence[dict]) -> dict[str, int]:
+    """Vignette id -> foundation index of the human majority (the ``human_*`` percentages)."""
+    return {r["id"]: max(range(len(FOUNDATIONS)), key=lambda j: float(r[HUMAN_COLS[FOUNDATIONS[j]]])) for r in rows}
+
+
+def add_evidence(out: dict, stage_rows: dict[str, list[dict]], rows: Sequence[dict], *, run_dir: Path, seed: int,
+                 n_boot: int = 2000, level: float = 0.95) -> None:
+    """Uncertainty and the control band, written into a round's eval record ``out`` in place.
+
+    Per stage: ``ci`` (metric -> [lo, hi]) and, except for base, ``delta_vs_base`` (metric ->
+    {delta, lo, hi}) from a paired bootstrap (:mod:`steerheal_utils.stats`): one ``[n_boot, n]``
+    index matrix over the vignettes and one over the probe items, seeded by ``seed``, shared
+    by every stage; rounds after 0 pair with round 0's base by vignette id. Then
+    ``out["control_band"]`` when the round has random controls (``random_NN``) and a steered
+    stage: the controls' doses and KLs, which ones missed their KL match (also a WARNING note),
+    and where the steered model falls in the band for each headline metric and its delta vs base
+    (:func:`steerheal_utils.stats.band_position`).
+    """
+    from . import controls, stats
+
+    stages, notes = out["stages"], out["notes"]
+    human = human_majority(rows)
+    ids = [r["id"] for r in rows]
+    vig_idx = stats.bootstrap_indices(len(ids), n_boot, seed)
+    n_probe = int(out.get("n_probe") or 0)
+    probe_idx = stats.bootstrap_indices(n_probe, n_boot, seed + 1) if n_probe else None
+
+    def samples(summary: dict, recs: list[dict]) -> dict:
+        arr = stats.align(stats.vignette_arrays(recs, human), ids) if recs else None
+        items = summary.get("axis_items")
+        return stats.stage_samples(arr, items if items is not None and len(items) == n_probe else None, vig_idx, probe_idx)
+
+    base = (stages["base"], stage_rows["base"]) if "base" in stages else _round0_base(run_dir)
+    if base is None:
+        notes.append("no base eval (this round or round 0) to pair with: deltas vs base skipped")
+    base_smp = samples(*base) if base is not None else None
+    for name, s in stages.items():
+        u = stats.uncertainty(samples(s, stage_rows.get(name, [])), s, None if name == "base" else base_smp,
+                              base[0] if base is not None else None, level)
+        s["ci"] = u["ci"]
+        if "delta_vs_base" in u:
+            s["delta_vs_base"] = u["delta_vs_base"]
+    out["ci_method"] = (f"paired percentile bootstrap, {n_boot} resamples, level {level}: vignettes and probe items "
+                        f"resampled separately, the same draws for every stage (seed {seed}); deltas are stage - base "
+                        f"({'this round' if 'base' in stages else 'round 0'}'s base, paired by vignette id)")
+
+    members = [n for n in stages if controls.is_control_name(n)]
+    if not members or "steered" not in stages:
+        return
+    band = controls.band_summary(stages["steered"], {n: stages[n] for n in members},
+                                 base[0] if base is not None else None)
+    out["control_band"] = band
+    for n in band["unmatched"]:
+        msg = (f"WARNING: control {n} is NOT matched in effect to the persona vector: {stages[n].get('match_reason')} "
+               f"(its row in metrics.csv has kl_matched=0)")
+        notes.append(msg)
+        print(msg)
+
+
 def summary_table(result: dict) -> list[dict]:
-    """One flat dict per stage for display (the headline metrics only)."""
+    """One flat dict per stage for display: the headline metrics, each of the first four with its CI as ``<k>_ci``."""
     keys = ("auth_nats", "care_nats", "coherence", "axis_logodds", "on_diag_authority", "on_diag_care", "agreement", "dose", "seconds")
-    return [{"stage": name, **{k: (round(s[k], 4) if isinstance(s.get(k), float) else s.get(k)) for k in keys}}
-            for name, s in result["stages"].items()]
+    out = []
+    for name, s in result["stages"].items():
+        row = {"stage": name}
+        for k in keys:
+            row[k] = round(s[k], 4) if isinstance(s.get(k), float) else s.get(k)
+            if k in keys[:4]:
+                lo, hi = (s.get("ci") or {}).get(k, (None, None))
+                row[f"{k}_ci"] = f"[{lo:.4f}, {hi:.4f}]" if isinstance(lo, float) and isinstance(hi, float) else None
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------ command line

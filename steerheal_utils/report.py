@@ -4,12 +4,15 @@ Everything is rebuilt from the ``round_*/eval.json`` files, so the report of a c
 resumed run is always consistent with what the rounds wrote. Panels:
 
 - A: on-target scores per stage over rounds (auth_nats, care_nats, axis probe): base as a
-  star, steered red, healed green, the prompted and random controls as references;
-- B: log-incoherence ``1 - coherence`` on a log axis (down = coherent), steered vs healed;
-- C: the care-vs-authority map of the trajectory;
+  star, steered red, healed green, each with its 95% paired-bootstrap CI as error bars; the
+  prompted control as a reference line, the random-control band as a grey area (its lowest to
+  its highest control) with its mean dotted;
+- B: log-incoherence ``1 - coherence`` on a log axis (down = coherent), with CIs;
+- C: the care-vs-authority map of the trajectory (grey dots: the controls);
 - D: drift: cosine of each round's vector to round 0's, KL of the healed model to base;
 
-then the outputs-over-loop table (the healed model's greedy answer to each held-out prompt,
+then the metrics table (with CIs), the control band (matched doses and KLs, where the steered
+model falls in it, controls that missed their KL match in red), the outputs-over-loop table (the healed model's greedy answer to each held-out prompt,
 per round) and the config. ``steerheal report DIR`` writes them for any run folder.
 """
 
@@ -28,8 +31,27 @@ NATS = ("care_nats", "fairness_nats", "loyalty_nats", "auth_nats", "sanctity_nat
 COLUMNS = ("round", "stage", "care_nats", "auth_nats", "coherence", "axis_logodds", *NATS[1:3], *NATS[4:],
            "on_diag_authority", "on_diag_care", "agreement", "axis_care_rate", "axis_mass", "kl_to_base",
            "vector_cosine_to_round0", "dose", "dose_flag", "n_generated", "n_kept", "n_rows", "seconds", "stop_reason")
+# Uncertainty and the control band (issue 12). ``<m>_lo`` / ``<m>_hi``: the paired-bootstrap interval of
+# metric m (eval.json ``ci``); ``delta_<m>`` (+ ``_lo``/``_hi``): the stage minus base with its paired
+# interval. The ``random`` row summarises the band ``random_00``...: the mean over controls, and its
+# ``_lo``/``_hi`` are the band's min and max, not a CI (column ``interval`` says which). On the steered
+# row, ``<m>_band_z`` / ``<m>_band_rank``: where the persona falls in the band (stats.band_position).
+# ``tag_kl``: next-token KL at the assistant tag (steered: the persona's; controls: their own at
+# their matched dose); ``kl_matched`` 0 flags a control whose KL missed the persona's.
+CI_METRICS = ("coherence", *NATS, "on_diag_authority", "on_diag_care", "agreement", "axis_logodds", "axis_care_rate")
+HEADLINE = ("axis_logodds", "care_nats", "auth_nats", "coherence")
+CI_COLUMNS = ("interval", *[f"{m}_{e}" for m in CI_METRICS for e in ("lo", "hi")],
+              *[f"delta_{m}{e}" for m in HEADLINE for e in ("", "_lo", "_hi")],
+              *[f"{m}_band_{e}" for m in HEADLINE for e in ("z", "rank")],
+              "tag_kl", "persona_tag_kl", "kl_matched", "n_controls")
+CSV_COLUMNS = (*COLUMNS, *CI_COLUMNS)  # what metrics.csv holds
 COLORS = {"base": "black", "steered": "#d62728", "healed": "#2ca02c", "prompted": "#1f77b4", "random": "#7f7f7f"}
 STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
+
+
+def _family(stage: str) -> str:
+    """``random_03`` -> ``random`` (a band member sorts and colours with its band)."""
+    return "random" if stage.startswith("random_") else stage
 
 
 # ------------------------------------------------------------------ reading the run
@@ -64,30 +86,84 @@ def dose_warnings(run_dir: Path | str) -> list[str]:
             if (w := _generate_record(Path(run_dir), int(d.name[-2:])).get("dose_warning"))]
 
 
+def _stage_key(stage: str) -> tuple:
+    fam = _family(stage)
+    return (STAGE_ORDER.index(fam) if fam in STAGE_ORDER else 99, stage != fam, stage)
+
+
+def _evidence(s: dict) -> dict:
+    """The CI, delta and control-match columns of one stage summary."""
+    row: dict = {"interval": "bootstrap" if s.get("ci") else None}
+    for m, (lo, hi) in (s.get("ci") or {}).items():
+        row[f"{m}_lo"], row[f"{m}_hi"] = lo, hi
+    for m, d in (s.get("delta_vs_base") or {}).items():
+        row[f"delta_{m}"], row[f"delta_{m}_lo"], row[f"delta_{m}_hi"] = d.get("delta"), d.get("lo"), d.get("hi")
+    if "kl_matched" in s:
+        row["kl_matched"] = int(bool(s["kl_matched"]))
+    row["tag_kl"], row["persona_tag_kl"] = s.get("tag_kl"), s.get("persona_tag_kl")
+    return {k: v for k, v in row.items() if k in CI_COLUMNS}
+
+
+def _band_row(ev: dict, members: list[dict]) -> dict:
+    """The ``random`` row: the band's mean per metric, ``_lo``/``_hi`` its min/max over controls."""
+    band = ev.get("control_band") or {}
+    row: dict = {"stage": "random", "interval": "band_min_max", "n_controls": len(members)}
+    ranged = (*CI_METRICS, *[f"delta_{h}" for h in HEADLINE])
+    for m in (*ranged, "axis_mass", "tag_kl", "dose", "n_rows"):
+        vals = [r[m] for r in members if _num(r.get(m))]
+        if vals:
+            row[m] = sum(vals) / len(vals)
+            if m in ranged:
+                row[f"{m}_lo"], row[f"{m}_hi"] = min(vals), max(vals)
+    row["persona_tag_kl"] = band.get("persona_tag_kl")
+    row["kl_matched"] = int(not band.get("unmatched")) if band else None
+    return row
+
+
 def metric_rows(run_dir: Path | str) -> list[dict]:
-    """One dict per (round, stage) with the :data:`COLUMNS` (missing values are None)."""
+    """One dict per (round, stage) with the :data:`CSV_COLUMNS` (missing values are None).
+
+    A round with a control band gets a ``random`` row summarising it (see :data:`CI_COLUMNS`)
+    next to the members' own ``random_NN`` rows.
+    """
     run_dir = Path(run_dir)
     rows = []
     for ev in load_evals(run_dir):
         n_gen, n_kept = _kept_counts(run_dir, ev["round"])
         gen = _generate_record(run_dir, ev["round"])
         stages = ev.get("stages", {})
-        for name in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+        common = dict(round=ev["round"], n_generated=n_gen, n_kept=n_kept,
+                      vector_cosine_to_round0=ev.get("vector_cosine_to_round0"))
+        out = []
+        for name in sorted(stages, key=_stage_key):
             s = stages[name]
-            row = {c: s.get(c) for c in COLUMNS}
-            row.update(round=ev["round"], stage=name, n_generated=n_gen, n_kept=n_kept,
-                       dose_flag=gen.get("dose_flag") if name in ("steered", "healed", "random") else None,
-                       vector_cosine_to_round0=ev.get("vector_cosine_to_round0"),
+            row = {c: s.get(c) for c in CSV_COLUMNS}
+            row.update(_evidence(s))
+            row.update(common, stage=name,
+                       dose_flag=gen.get("dose_flag") if _family(name) in ("steered", "healed", "random") else None,
                        kl_to_base=s.get("kl_to_base", ev.get("kl_to_base") if name == "healed" else None),
                        stop_reason=(ev.get("stop") or {}).get("reason") if name == "healed" else None)
-            rows.append(row)
+            out.append(row)
+        members = [r for r in out if r["stage"].startswith("random_")]
+        if members:
+            band = {c: None for c in CSV_COLUMNS}
+            band.update(common, **_band_row(ev, members))
+            out.append(band)
+            out.sort(key=lambda r: _stage_key(r["stage"]))
+        for r in out:
+            if r["stage"] == "steered":
+                band_ev = ev.get("control_band") or {}
+                r["tag_kl"] = band_ev.get("persona_tag_kl", r.get("tag_kl"))
+                for m, pos in (band_ev.get("position") or {}).items():
+                    r[f"{m}_band_z"], r[f"{m}_band_rank"] = pos.get("z"), pos.get("rank")
+        rows += out
     return rows
 
 
 def write_metrics(run_dir: Path | str) -> Path:
     """Rebuild ``DIR/metrics.csv`` from every round's eval.json (atomically); return its path."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     w.writeheader()
     for row in metric_rows(run_dir):
         w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
@@ -97,17 +173,31 @@ def write_metrics(run_dir: Path | str) -> Path:
 
 
 # ------------------------------------------------------------------ figures (plotly)
-def _series(rows: list[dict], stage: str, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["round"], r[key]) for r in rows if r["stage"] == stage and _num(r.get(key))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _interval(rows: list[dict], stage: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """``(rounds, values, lows, highs)`` of one stage's metric; a missing bound is the value itself."""
+    pts = [r for r in rows if r["stage"] == stage and _num(r.get(key))]
+    lo = [r[f"{key}_lo"] if _num(r.get(f"{key}_lo")) else r[key] for r in pts]
+    hi = [r[f"{key}_hi"] if _num(r.get(f"{key}_hi")) else r[key] for r in pts]
+    return [r["round"] for r in pts], [r[key] for r in pts], lo, hi
+
+
+def _error_y(y, lo, hi, flip: bool = False) -> dict:
+    """Plotly asymmetric error bars from absolute bounds (``flip``: for a plotted ``1 - value``)."""
+    up, down = ([v - a for v, a in zip(y, lo)], [b - v for v, b in zip(y, hi)]) if flip else \
+        ([b - v for v, b in zip(y, hi)], [v - a for v, a in zip(y, lo)])
+    return dict(type="data", symmetric=False, array=up, arrayminus=down, thickness=1.2, width=4)
+
+
 def figures(run_dir: Path | str) -> list:
-    """Plotly figures A-D for the rounds so far (used by the report and the 05 notebook)."""
+    """Plotly figures A-D for the rounds so far (used by the report and the 05 notebook).
+
+    Error bars are the paired-bootstrap intervals (``_lo``/``_hi`` in metrics.csv); the grey band
+    is the random-control band (min to max over the controls, dotted line its mean).
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -120,30 +210,43 @@ def figures(run_dir: Path | str) -> list:
             ("axis_logodds", "axis probe log-odds care vs authority"))
     a = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in keys])
     for col, (key, _) in enumerate(keys, 1):
+        x, y, lo, hi = _interval(rows, "random", key)
+        if x:  # the band: min..max over the controls; measured once, it spans every round
+            xs, ys, los, his = (x_span, [y[0]] * 2, [lo[0]] * 2, [hi[0]] * 2) if len(x) == 1 else (x, y, lo, hi)
+            a.add_scatter(x=list(xs) + list(xs)[::-1], y=list(his) + list(los)[::-1], fill="toself", mode="lines",
+                          line=dict(width=0), fillcolor="rgba(127,127,127,0.25)", name="random band (min-max)",
+                          legendgroup="random", showlegend=col == 1, hoverinfo="skip", row=1, col=col)
+            a.add_scatter(x=xs, y=ys, mode="lines", name="random band mean", legendgroup="random", showlegend=col == 1,
+                          line=dict(color=COLORS["random"], dash="dot"), row=1, col=col)
         for stage in ("steered", "healed"):
-            x, y = _series(rows, stage, key)
+            x, y, lo, hi = _interval(rows, stage, key)
             if x:
-                a.add_scatter(x=x, y=y, mode="lines+markers", name=stage, legendgroup=stage, showlegend=col == 1,
-                              line=dict(color=COLORS[stage]), row=1, col=col)
-        x, y = _series(rows, "base", key)
+                a.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), mode="lines+markers", name=stage,
+                              legendgroup=stage, showlegend=col == 1, line=dict(color=COLORS[stage]), row=1, col=col)
+        x, y, lo, hi = _interval(rows, "base", key)
         if x:
-            a.add_scatter(x=x, y=y, mode="markers", name="base", legendgroup="base", showlegend=col == 1,
-                          marker=dict(symbol="star", size=14, color=COLORS["base"]), row=1, col=col)
-        for stage, dash in (("prompted", "dash"), ("random", "dot")):
-            x, y = _series(rows, stage, key)
-            if x:  # a control measured once is drawn across every round as a reference line
-                xs, ys = (x_span, [y[0]] * 2) if len(x) == 1 else (x, y)
-                a.add_scatter(x=xs, y=ys, mode="lines", name=stage, legendgroup=stage, showlegend=col == 1,
-                              line=dict(color=COLORS[stage], dash=dash), row=1, col=col)
+            a.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), mode="markers", name="base", legendgroup="base",
+                          showlegend=col == 1, marker=dict(symbol="star", size=14, color=COLORS["base"]), row=1, col=col)
+        x, y, lo, hi = _interval(rows, "prompted", key)
+        if x:  # a control measured once is drawn across every round as a reference line, its CI as a band
+            xs, ys, los, his = (x_span, [y[0]] * 2, [lo[0]] * 2, [hi[0]] * 2) if len(x) == 1 else (x, y, lo, hi)
+            a.add_scatter(x=xs, y=ys, mode="lines", name="prompted", legendgroup="prompted", showlegend=col == 1,
+                          line=dict(color=COLORS["prompted"], dash="dash"), row=1, col=col)
+            a.add_scatter(x=list(xs) + list(xs)[::-1], y=list(his) + list(los)[::-1], fill="toself", mode="lines",
+                          line=dict(width=0), fillcolor="rgba(31,119,180,0.12)", legendgroup="prompted",
+                          showlegend=False, hoverinfo="skip", row=1, col=col)
     a.update_xaxes(title_text="round", dtick=1)
-    a.update_layout(title="A · on-target score per stage over rounds", height=380)
+    a.update_layout(title="A · on-target score per stage over rounds (bars: 95% bootstrap CI; grey: random-control band)",
+                    height=380)
 
     # B: log-incoherence
     b = go.Figure()
     for stage in ("base", "prompted", "random", "steered", "healed"):
-        x, c = _series(rows, stage, "coherence")
+        x, c, lo, hi = _interval(rows, stage, "coherence")
         if x:
-            b.add_scatter(x=x, y=[max(1 - v, 1e-6) for v in c], name=stage, line=dict(color=COLORS[stage]),
+            y = [max(1 - v, 1e-6) for v in c]
+            b.add_scatter(x=x, y=y, error_y=_error_y(c, lo, hi, flip=True),
+                          name="random band (mean, min-max)" if stage == "random" else stage, line=dict(color=COLORS[stage]),
                           mode="lines+markers" if stage in ("steered", "healed") else "markers",
                           marker=dict(symbol="star" if stage == "base" else "circle", size=11 if stage == "base" else 8))
     b.update_yaxes(type="log", title="1 - coherence (log; down = coherent)")
@@ -152,12 +255,21 @@ def figures(run_dir: Path | str) -> list:
 
     # C: care vs authority map
     c = go.Figure()
+    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
+    if members:
+        c.add_scatter(x=[r["auth_nats"] for r in members], y=[r["care_nats"] for r in members], mode="markers",
+                      name="random controls", marker=dict(color=COLORS["random"], size=5, opacity=0.6),
+                      text=[f"{r['stage']} r{r['round']}" for r in members], hoverinfo="text+x+y")
     for stage in STAGE_ORDER:
         pts = [r for r in rows if r["stage"] == stage and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
         if pts:
-            c.add_scatter(x=[r["auth_nats"] for r in pts], y=[r["care_nats"] for r in pts], name=stage,
+            ax_, ay_ = [r["auth_nats"] for r in pts], [r["care_nats"] for r in pts]
+            err = stage != "random"  # the band row's _lo/_hi are its min/max, drawn by the member points
+            c.add_scatter(x=ax_, y=ay_, name="random band mean" if stage == "random" else stage,
                           mode="lines+markers+text" if stage in ("steered", "healed") else "markers+text",
                           text=[f"r{r['round']}" for r in pts], textposition="top center",
+                          error_x=_error_y(*_interval(pts, stage, "auth_nats")[1:]) if err else None,
+                          error_y=_error_y(*_interval(pts, stage, "care_nats")[1:]) if err else None,
                           line=dict(color=COLORS[stage]),
                           marker=dict(color=COLORS[stage], size=13 if stage == "base" else 8,
                                       symbol="star" if stage == "base" else "circle"))
@@ -210,12 +322,51 @@ def heldout_html(run_dir: Path | str, max_chars: int = 400) -> str:
 
 # ------------------------------------------------------------------ the report
 def _metrics_html(rows: list[dict]) -> str:
-    cols = ("round", "stage", "auth_nats", "care_nats", "coherence", "axis_logodds", "agreement", "kl_to_base", "dose", "n_kept")
+    cols = ("round", "stage", "auth_nats", "care_nats", "coherence", "axis_logodds", "agreement", "kl_to_base", "dose",
+            "tag_kl", "n_kept")
     head = "".join(f"<th>{c}</th>" for c in cols)
-    def fmt(v):
-        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+
+    def fmt(r, c):
+        v = r.get(c)
+        if v is None:
+            return ""
+        if not isinstance(v, float):
+            return html.escape(str(v))
+        lo, hi = r.get(f"{c}_lo"), r.get(f"{c}_hi")
+        rng = f" <small>[{lo:.3g}, {hi:.3g}]</small>" if _num(lo) and _num(hi) else ""
+        return f"{v:.4g}{rng}"
+    body = "".join("<tr" + (" class='stop'" if r.get("kl_matched") == 0 else "") + ">"
+                   + "".join(f"<td>{fmt(r, c)}</td>" for c in cols) + "</tr>" for r in rows)
+    return (f"<p>[lo, hi]: 95% paired-bootstrap interval over vignettes / probe items; on the <code>random</code> "
+            f"row: min and max over the control band. Red rows: a control whose KL missed the persona's.</p>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
+def _band_cells(metric: str, p: dict) -> str:
+    z = "" if p.get("z") is None else f"{p['z']:+.2f}"
+    return (f"<tr><td>{metric}</td><td>{p['value']:.4g}</td><td>{p['mean']:.4g}</td><td>{p['min']:.4g}</td>"
+            f"<td>{p['max']:.4g}</td><td>{z}</td><td>{p['rank']:.2f}</td></tr>")
+
+
+def _band_html(run_dir: Path) -> str:
+    """Per round with a control band: the matched doses and KLs, and where the persona falls in the band."""
+    parts = []
+    for ev in load_evals(run_dir):
+        band = ev.get("control_band")
+        if not band:
+            continue
+        kl = band.get("persona_tag_kl")
+        head = (f"<p>round {ev['round']}: persona dose {band.get('persona_dose') or 0:.4g}, tag KL "
+                f"{kl if kl is not None else float('nan'):.4g}; {len(band['members'])} controls, doses "
+                + ", ".join(f"{m['dose']:.4g} (KL {m['tag_kl']:.3g})" for m in band["members"] if _num(m.get("dose"))
+                            and _num(m.get("tag_kl"))) + "</p>")
+        if band.get("unmatched"):
+            head += (f"<p class='stop'><b>Not matched in effect:</b> {html.escape(', '.join(band['unmatched']))} "
+                     "(their KL at the dose bound stayed off the persona's; see the notes)</p>")
+        cells = "".join(_band_cells(m, p) for m, p in (band.get("position") or {}).items() if p.get("mean") is not None)
+        parts.append(head + "<table><tr><th>metric</th><th>steered</th><th>band mean</th><th>min</th><th>max</th>"
+                     f"<th>z</th><th>rank (fraction below)</th></tr>{cells}</table>")
+    return "".join(parts) or "<p>No random-control band in these rounds.</p>"
 
 
 def write_report(run_dir: Path | str) -> Path:
@@ -242,6 +393,9 @@ td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}} .h
 <body><h1>steerheal run: {html.escape(str(run_dir))}</h1>
 {stop_html}
 <h2>Metrics</h2>{_metrics_html(rows)}
+<h2>Control band</h2><p>Random rotations of the persona vector (same per-layer norms and cross-layer cosines),
+each at the dose where its next-token KL at the assistant tag matches the persona's. The persona's effect is
+specific to its direction only where it lies outside this band.</p>{_band_html(run_dir)}
 <h2>Trajectory</h2>{''.join(parts)}
 <h2>Outputs over the loop</h2><p>The healed model's greedy answer to each held-out prompt, per round
 (round 0 before heal shows the base).</p>{heldout_html(run_dir)}
@@ -266,24 +420,38 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
     fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
     for ax, key in zip(axes[:3], ("auth_nats", "care_nats", "axis_logodds")):
         for stage in STAGE_ORDER:
-            x, y = _series(rows, stage, key)
+            x, y, lo, hi = _interval(rows, stage, key)
             if not x:
                 continue
+            if stage == "random":  # the band: min..max over the controls (not a CI), dotted: its mean
+                if len(x) == 1:
+                    ax.axhspan(lo[0], hi[0], color=COLORS[stage], alpha=0.2, lw=0, label="random band (min-max)")
+                    ax.axhline(y[0], ls=":", color=COLORS[stage], label="random band mean")
+                else:
+                    ax.fill_between(x, lo, hi, color=COLORS[stage], alpha=0.2, lw=0, label="random band (min-max)")
+                    ax.plot(x, y, ":", color=COLORS[stage], label="random band mean")
+                continue
+            yerr = [[max(v - a, 0) for v, a in zip(y, lo)], [max(b - v, 0) for v, b in zip(y, hi)]]
             if stage == "base":
-                ax.plot(x, y, "*", ms=14, color=COLORS[stage], label=stage)
-            elif stage in ("prompted", "random") and len(x) == 1:
-                ax.axhline(y[0], ls="--" if stage == "prompted" else ":", color=COLORS[stage], label=stage)
+                ax.errorbar(x, y, yerr=yerr, fmt="*", ms=14, color=COLORS[stage], label=stage, capsize=3)
+            elif stage == "prompted" and len(x) == 1:
+                ax.axhline(y[0], ls="--", color=COLORS[stage], label=stage)
+                ax.axhspan(lo[0], hi[0], color=COLORS[stage], alpha=0.1, lw=0)
             else:
-                ax.plot(x, y, "o-", color=COLORS[stage], label=stage)
-        ax.set_title(f"A: {key}")
+                ax.errorbar(x, y, yerr=yerr, fmt="o-", color=COLORS[stage], label=stage, capsize=3)
+        ax.set_title(f"A: {key} (bars: 95% CI)")
         ax.set_xlabel("round")
     if axes[0].get_legend_handles_labels()[0]:  # an empty run folder has nothing to label
         axes[0].legend(fontsize=8)
     ax = axes[3]
-    for stage in ("steered", "healed"):
-        x, c = _series(rows, stage, "coherence")
+    for stage in ("random", "steered", "healed"):
+        x, c, lo, hi = _interval(rows, stage, "coherence")
         if x:
-            ax.plot(x, [max(1 - v, 1e-6) for v in c], "o-", color=COLORS[stage], label=stage)
+            y = [max(1 - v, 1e-6) for v in c]
+            yerr = [[max(v - a, 0) for v, a in zip(c, lo)], [max(b - v, 0) for v, b in zip(c, hi)]]  # 1 - c flips the bounds
+            ax.errorbar(x, y, yerr=[[max(min(e, v - 1e-6), 0) for e, v in zip(yerr[1], y)], yerr[0]],
+                        fmt="s:" if stage == "random" else "o-", mfc="none" if stage == "random" else None, color=COLORS[stage],
+                        label="random band (mean, min-max)" if stage == "random" else stage, capsize=3)
     ax.set_yscale("log")
     ax.set_title("B: 1 - coherence (down = coherent)")
     ax.set_xlabel("round")
@@ -293,10 +461,16 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
         if pts:
             ax.plot([r["auth_nats"] for r in pts], [r["care_nats"] for r in pts], "*" if stage == "base" else "o-",
                     color=COLORS[stage], label=stage, ms=12 if stage == "base" else 6)
+    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
+    if members:
+        ax.plot([r["auth_nats"] for r in members], [r["care_nats"] for r in members], ".", color=COLORS["random"],
+                alpha=0.6, label="random controls")
     from matplotlib.ticker import MaxNLocator
 
+    rounds = sorted({r["round"] for r in rows}) or [0]
     for a in axes[:4]:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        a.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)  # a band spans the rounds, not matplotlib's +-0.05
     ax.set_xlabel("auth_nats")
     ax.set_ylabel("care_nats")
     ax.set_title("C: care vs authority")

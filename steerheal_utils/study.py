@@ -79,9 +79,17 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 SHARED_STAGES = STAGES[:3]  # 01_vector, 02_generate, 03_filter
 METRICS = ("axis_logodds", "auth_nats", "care_nats", "coherence")
-CONTROL_STAGES = ("base", "prompted", "random")  # arm-independent, round 0
+CONTROL_STAGES = ("base", "prompted", "random")  # arm-independent, round 0 ("random": the control band's summary)
+DELTA_KEYS = tuple(f"delta_{m}" for m in METRICS)  # stage - base, paired (report.CI_COLUMNS)
 CEO_ID = "heldout-ceo-logs"
 SUMMARY_KEYS = (*METRICS, "kept_loop_rate", "kl_to_base")  # kl_to_base: healed, on the held-out answers
+
+
+def is_control(stage: str) -> bool:
+    """Arm-independent stages: base, prompted, the band summary ``random`` and its members ``random_NN``."""
+    from .controls import is_control_name
+
+    return stage in CONTROL_STAGES or is_control_name(stage)
 
 
 class StudyError(C.ConfigError):
@@ -196,7 +204,8 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
     if (Path(dst_run) / "round_00" / ".done" / f"{STAGES[-1]}.json").exists() or not src.is_dir():
         return []
     copied = []
-    for name in (*CONTROL_STAGES, "steered"):
+    members = sorted(f.stem for f in src.glob("random_*.json"))  # the control band
+    for name in ("base", "prompted", *members, "steered"):
         f = src / f"{name}.json"
         if f.exists() and not (dst / f.name).exists():
             dst.mkdir(parents=True, exist_ok=True)
@@ -501,15 +510,18 @@ def spread(values: Sequence[float]) -> dict[str, float | int | None]:
             "min": min(v), "max": max(v), "n": len(v)}
 
 
-def summarize(rows: Sequence[dict]) -> list[dict]:
-    """One row per (arm, stage, round): mean / sd / min / max over seeds of :data:`SUMMARY_KEYS`.
+def summarize(rows: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> list[dict]:
+    """One row per (arm, stage, round): mean / sd / min / max over seeds of ``keys``.
 
     The controls (base, prompted, random) do not depend on the arm: they are summarised once,
-    as arm ``all``, from the first arm's run of each seed.
+    as arm ``all``, from the first arm's run of each seed. The band's members (``random_NN``)
+    are summarised through their band row ``random`` only (runs.csv keeps them).
     """
     first_arm = rows[0]["arm"] if rows else None
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
+        if is_control(r["stage"]) and r["stage"] not in CONTROL_STAGES:
+            continue
         if r["stage"] in CONTROL_STAGES:
             if r["arm"] != first_arm:
                 continue
@@ -522,7 +534,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     for (arm, stage, rnd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0],
                                                                        order.get(kv[0][1], 9), kv[0][2])):
         row: dict[str, Any] = {"arm": arm, "stage": stage, "round": rnd, "n_seeds": len({r["seed"] for r in rs})}
-        for k in SUMMARY_KEYS:
+        for k in keys:
             s = spread([r.get(k) for r in rs])
             row.update({f"{k}_{m}": s[m] for m in ("mean", "sd", "min", "max")})
         out.append(row)
@@ -534,7 +546,7 @@ def control_mismatch(rows: Sequence[dict]) -> float | None:
     ref: dict[tuple, float] = {}
     worst = None
     for r in rows:
-        if r["stage"] not in CONTROL_STAGES:
+        if not is_control(r["stage"]):
             continue
         for k in METRICS:
             v = _num(r.get(k))
@@ -546,6 +558,93 @@ def control_mismatch(rows: Sequence[dict]) -> float | None:
             else:
                 ref[key] = v
     return worst
+
+
+def _round_eval(run: Path, rnd: int, cache: dict) -> tuple[dict, dict[str, list[dict]]] | None:
+    """A run's round: eval.json and its eval_rows.jsonl grouped by stage (cached per call of item_cis)."""
+    key = (str(run), rnd)
+    if key not in cache:
+        d = run / f"round_{rnd:02d}"
+        if (d / "eval.json").exists() and (d / "eval_rows.jsonl").exists():
+            by: dict[str, list[dict]] = {}
+            for r in read_jsonl(d / "eval_rows.jsonl", "eval rows"):
+                by.setdefault(r["stage"], []).append(r)
+            cache[key] = (read_json(d / "eval.json", "eval record"), by)
+        else:
+            cache[key] = None
+    return cache[key]
+
+
+def item_cis(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], summary: Sequence[dict], *, n_boot: int = 2000,
+             level: float = 0.95, seed: int = 0) -> None:
+    """Add the within-seed uncertainty to the summary rows: ``<k>_ci_lo`` / ``<k>_ci_hi`` for the
+    :data:`METRICS` and their :data:`DELTA_KEYS` (stage - base), in place.
+
+    The interval is an item bootstrap of the *mean over seeds*: every resample draws vignettes
+    (and, separately, probe items) with replacement, recomputes each seed's metric on them, and
+    averages over seeds; the percentile interval of those averages says how much the seed mean
+    would move with other items of the same kind. When the seeds were scored on the same items
+    (the usual case), one draw serves every seed and every model (paired); otherwise each seed
+    gets its own draw. Deltas pair each model with its own run's base (round 0's for later
+    rounds) on the same draws. The ``random`` row is the band mean (mean over its controls).
+    The spread over seeds (sd, min, max) is what summarize() gives; the two answer different
+    questions (other items vs another seed) and the tables show both.
+    """
+    from . import evaluate as E
+    from . import stats
+
+    cache: dict = {}
+    humans: dict[str, dict[str, int]] = {}
+    for row in summary:
+        arm = arms[0] if row["arm"] == "all" else row["arm"]
+        per_seed = []  # (ids, stage arrays/items, base arrays/items)
+        for sd in seeds:
+            run = Path(study_dir) / run_name(arm, sd)
+            got = _round_eval(run, row["round"], cache)
+            if got is None:
+                continue
+            ev, by = got
+            names = sorted(n for n in by if n.startswith("random_")) if row["stage"] == "random" else [row["stage"]]
+            if not names or any(n not in by for n in names):
+                continue
+            base = (ev["stages"].get("base"), by.get("base")) if "base" in by else None
+            if base is None:
+                got0 = _round_eval(run, 0, cache)
+                base = (got0[0]["stages"].get("base"), got0[1].get("base")) if got0 and "base" in got0[1] else None
+            vfile = C.load_config(run / "config.yaml").vignettes or ""
+            if vfile not in humans:
+                humans[vfile] = E.human_majority(E.load_vignettes(vfile or None))
+            per_seed.append((ev, by, names, base, humans[vfile]))
+        if not per_seed:
+            continue
+        ids0 = [r["id"] for r in per_seed[0][1][per_seed[0][2][0]]]
+        joint = all([r["id"] for r in by[names[0]]] == ids0 for _, by, names, _, _ in per_seed)
+        n_items = {len(ev["stages"][names[0]].get("axis_items") or []) for ev, _, names, _, _ in per_seed}
+        smp, dsmp = [], []
+        for i, (ev, by, names, base, human) in enumerate(per_seed):
+            ids = [r["id"] for r in by[names[0]]]
+            vidx = stats.bootstrap_indices(len(ids), n_boot, seed if joint else seed + 7919 * (i + 1))
+            n_p = len(ev["stages"][names[0]].get("axis_items") or [])
+            pidx = stats.bootstrap_indices(n_p, n_boot, (seed if len(n_items) == 1 else seed + 7919 * (i + 1)) + 1) \
+                if n_p else None
+
+            def samples(summ, recs):
+                arr = stats.align(stats.vignette_arrays(recs, human), ids) if recs else None
+                items = (summ or {}).get("axis_items")
+                return stats.stage_samples(arr, items if items is not None and len(items) == n_p else None, vidx, pidx)
+
+            s = stats.mean_over_seeds([samples(ev["stages"][n], by[n]) for n in names])  # a band: mean over members
+            smp.append(s)
+            if base is not None and base[1] and row["stage"] != "base":
+                b = samples(*base)
+                dsmp.append({m: s[m] - b[m] for m in s if m in b})
+        for key, group in (("", smp), ("delta_", dsmp)):
+            if len(group) != len(per_seed):
+                continue  # a seed without a base: no delta interval rather than one over fewer seeds
+            mean = stats.mean_over_seeds(group)
+            for m in METRICS:
+                if m in mean:
+                    row[f"{key}{m}_ci_lo"], row[f"{key}{m}_ci_hi"] = stats.percentile_ci(mean[m], level)
 
 
 def ceo_outputs(study_dir: Path | str, arms: Sequence[str], seed: int) -> dict:
@@ -605,13 +704,25 @@ def _csv(rows: Sequence[dict], cols: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _fmt(s: dict, k: str, digits: int = 3) -> str:
+def _fmt(s: dict, k: str, digits: int = 3, bold_if_nonzero: bool = False) -> str:
+    """``mean [min, max] (CI lo, hi)``: spread over seeds, then the item-bootstrap CI of the mean (when known).
+
+    ``bold_if_nonzero``: bold when the CI excludes 0 (a difference one may call a difference).
+    """
+    from .stats import excludes_zero
+
     m, lo, hi = s.get(f"{k}_mean"), s.get(f"{k}_min"), s.get(f"{k}_max")
     if m is None:
         return "–"
+    out = f"{m:.{digits}f}"
     if s.get("n_seeds", 1) > 1 and lo is not None and hi is not None and hi > lo:
-        return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-    return f"{m:.{digits}f}"
+        out += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    clo, chi = s.get(f"{k}_ci_lo"), s.get(f"{k}_ci_hi")
+    if clo is not None and chi is not None and math.isfinite(clo) and math.isfinite(chi):
+        out += f" (CI {clo:.{digits}f}, {chi:.{digits}f})"
+        if bold_if_nonzero and excludes_zero(clo, chi):
+            out = f"**{out}**"
+    return out
 
 
 def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: Sequence[dict] = ()) -> str:
@@ -620,7 +731,9 @@ def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: S
     rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"})
     first, last = (rounds[0], rounds[-1]) if rounds else (0, 0)
     lines = [f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['rounds']} rounds, seeds "
-             f"{', '.join(map(str, meta['seeds']))}; every cell is the mean over seeds [min, max]. "
+             f"{', '.join(map(str, meta['seeds']))}; every cell is the mean over seeds [min, max] (CI: the "
+             f"item-bootstrap interval of that mean, defined in `study.json`, `uncertainty`). `random` is the mean "
+             f"of the control band (random rotations of the persona vector at KL-matched doses). "
              f"`kept loop` is the fraction of the round's kept (trained-on) rows that a stricter loop gate flags "
              f"(defined in `study.json`, `loop_rate_definition`); `KL to base` is the healed model's mean per-token "
              f"KL(healed || base) on its own greedy answers to the held-out prompts. Produced by `{meta['command']}`.", "",
@@ -633,6 +746,15 @@ def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: S
         lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | {_fmt(r, 'axis_logodds')} | {_fmt(r, 'auth_nats')} | "
                      f"{_fmt(r, 'care_nats')} | {_fmt(r, 'coherence', 4)} | {_fmt(r, 'kept_loop_rate', 2)} | "
                      f"{_fmt(r, 'kl_to_base', 2)} |")
+    deltas = [r for r in pick if r["stage"] != "base" and any(r.get(f"{k}_mean") is not None for k in DELTA_KEYS)]
+    if deltas:
+        lines += ["", "Difference from base (each run's stage minus its own base, paired on the same items; mean over "
+                  "seeds [min, max] (CI)); **bold**: the CI excludes 0.", "",
+                  "| arm | stage | round | Δ axis probe | Δ auth_nats | Δ care_nats | Δ coherence |", "|---|---|---|---|---|---|---|"]
+        for r in deltas:
+            lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | "
+                         + " | ".join(_fmt(r, f"delta_{k}", 4 if k == "coherence" else 3, bold_if_nonzero=True)
+                                      for k in ("axis_logodds", "auth_nats", "care_nats", "coherence")) + " |")
     if pipeline:
         lines += ["", "What 02-04 did per round (mean over seeds [min, max]; drop reasons summed over seeds). `keep` is "
                   "03's keep rate over every generated row; `Q1 loop` is the loop rate (heal.LOOP_REASONS at 03's "
@@ -693,6 +815,14 @@ def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
                 x, m, lo, hi = zip(*pts)
                 ax.plot(x, m, "o-", color=colors.get(arm), label=f"{arm} (healed)")
                 ax.fill_between(x, lo, hi, color=colors.get(arm), alpha=0.18, linewidth=0)
+                ci = [(r["round"], tr(r[f"{key}_mean"]), tr(r.get(f"{key}_ci_lo")), tr(r.get(f"{key}_ci_hi"))) for r in rs
+                      if r.get(f"{key}_mean") is not None and r.get(f"{key}_ci_lo") is not None]
+                if ci:  # the item-bootstrap CI of the seed mean (1 - coherence swaps its bounds)
+                    cx, cm, a, b = zip(*ci)
+                    low, high = [min(u, v) for u, v in zip(a, b)], [max(u, v) for u, v in zip(a, b)]
+                    ax.errorbar(cx, cm, yerr=[[max(mm - l, 0) for mm, l in zip(cm, low)],
+                                              [max(h - mm, 0) for mm, h in zip(cm, high)]],
+                                fmt="none", ecolor=colors.get(arm), capsize=3, lw=1)
         for stage, (c, ls) in ref_style.items():
             r = next((r for r in summary if r["stage"] == stage and r.get(f"{key}_mean") is not None), None)
             if r is not None:
@@ -703,7 +833,8 @@ def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
         ax.set_xlabel("round")
         ax.set_xticks(rounds)  # integer rounds, also when there is only one
     axes[0].legend(fontsize=8)
-    fig.suptitle("healed model per arm: mean over seeds, band = min-max", fontsize=11)
+    fig.suptitle("healed model per arm: mean over seeds, band = min-max over seeds, bars = item-bootstrap CI of the mean",
+                 fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
@@ -760,7 +891,7 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
     """Write runs.csv, summary.csv, trajectory.png, ceo_outputs.json, study.json and results.md into ``out``."""
     from . import filter as F
     from .driver import provenance
-    from .report import COLUMNS
+    from .report import CSV_COLUMNS
 
     study_dir, out = Path(study_dir), Path(out)
     check_run_configs(study_dir, arms, seeds, scale, preset, extra)
@@ -768,13 +899,16 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
     if not rows:
         raise StudyError(f"no finished rounds under {study_dir} for arms {list(arms)} and seeds {list(seeds)}: "
                          "run the study first (without --report-only)")
-    summary = summarize(rows)
-    atomic_write_text(out / "runs.csv", _csv(rows, ("arm", "seed", *COLUMNS, "kept_loop_rate")))
-    cols = ["arm", "stage", "round", "n_seeds", *[f"{k}_{m}" for k in SUMMARY_KEYS for m in ("mean", "sd", "min", "max")]]
+    summary = summarize(rows, (*SUMMARY_KEYS, *DELTA_KEYS))
+    cfg0 = arm_config(arms[0], seeds[0], scale, preset, extra)
+    item_cis(study_dir, arms, seeds, summary, n_boot=cfg0.n_boot, level=cfg0.ci_level)
+    atomic_write_text(out / "runs.csv", _csv(rows, ("arm", "seed", *CSV_COLUMNS, "kept_loop_rate")))
+    cols = ["arm", "stage", "round", "n_seeds", *[f"{k}_{m}" for k in (*SUMMARY_KEYS, *DELTA_KEYS)
+                                                  for m in ("mean", "sd", "min", "max")],
+            *[f"{p}{k}_ci_{e}" for p in ("", "delta_") for k in METRICS for e in ("lo", "hi")]]
     atomic_write_text(out / "summary.csv", _csv(summary, cols))
     atomic_write_bytes(out / "trajectory.png", trajectory_png(summary, arms))
 
-    cfg0 = arm_config(arms[0], seeds[0], scale, preset, extra)
     ceo = ceo_outputs(study_dir, arms, seeds[0])
     ceo["base"] = base_ceo_answer(study_dir, cfg0)
     atomic_write_json(out / "ceo_outputs.json", ceo)
@@ -787,6 +921,10 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
         "overrides": {"common": {**SCALES[scale], **COMMON, **(extra or {})}, "per_arm": {a: ARMS[a] for a in arms}, "seed": "seed=<seed>"},
         "spread": "summary.csv: sd is the sample standard deviation (ddof=1) over seeds; min/max over seeds. "
                   "results.md: mean [min, max].",
+        "uncertainty": f"summary.csv <k>_ci_lo/_ci_hi (results.md: 'CI'): {cfg0.ci_level:.0%} percentile interval of "
+                       f"the mean over seeds under an item bootstrap ({cfg0.n_boot} resamples of vignettes and, "
+                       "separately, probe items, the same draws for every seed and model when they share items); "
+                       "delta_<k>: stage - base of the same run, paired on the same draws (study.item_cis)",
         "controls": "base, prompted and random are arm-independent; summarised as arm 'all' from the first arm's run "
                     "of each seed",
         "control_max_abs_diff_between_arms": control_mismatch(rows),

@@ -54,7 +54,7 @@ def test_round_estimate_counts_calls_and_parts():
     assert est["parts_s"]["01_vector"] == 4.0  # 2 s for 128 contexts -> 256
     assert est["parts_s"]["02_generate"] == 10.0 * len(calls)  # compiled calls padded to full batches
     assert est["heal_steps"] == cfg.epochs * math.ceil(cfg.n_keep / cfg.train_batch_size)
-    assert est["parts_s"]["05_eval"] == 30.0 * 3  # steered, random (every round), healed
+    assert est["parts_s"]["05_eval"] == 30.0 * (2 + cfg.n_controls)  # steered, healed, the control band (every round)
     assert est["one_time_compile_s"] == 100.0
     assert abs(est["total_s"] - sum(est["parts_s"].values())) < 0.5
 

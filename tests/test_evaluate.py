@@ -166,8 +166,14 @@ def test_stage_writes_eval_json(tmp_path):
     peft_model = get_peft_model(tiny_model("llama", seed=0)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     peft_model.save_pretrained(ctx.path("adapter"))
     out = E.run_stage(ctx, progress=False)
-    assert set(out["stages"]) == {"base", "prompted", "steered", "random", "healed"}
+    assert set(out["stages"]) == {"base", "prompted", "steered", "random_00", "random_01", "healed"}  # tiny: n_controls=2
     assert {n.split(":")[0] for n in out["notes"] if "read from eval_stages" in n} == {"base", "prompted"}  # from the first call
+    band = out["control_band"]
+    assert band["persona_dose"] == 0.5 and [m["name"] for m in band["members"]] == ["random_00", "random_01"]
+    assert all(out["stages"][m["name"]]["dose"] == m["dose"] != 0.5 for m in band["members"])  # KL-matched, not copied
+    for name, s in out["stages"].items():
+        assert s["ci"]["auth_nats"][0] <= s["auth_nats"] <= s["ci"]["auth_nats"][1], name
+        assert ("delta_vs_base" in s) == (name != "base")
     assert out["stages"]["steered"]["dose"] == 0.5
     assert out["stages"]["steered"]["auth_nats"] != out["stages"]["base"]["auth_nats"]
     assert out["kl_to_base"] > 0 and len(out["heldout"]) == len(E.load_heldout())
@@ -175,13 +181,13 @@ def test_stage_writes_eval_json(tmp_path):
     saved = json.loads(ctx.path("eval.json").read_text())
     assert saved["stages"]["healed"]["coherence"] == out["stages"]["healed"]["coherence"]
     rows_bytes = ctx.path("eval_rows.jsonl").read_bytes()
-    assert len(rows_bytes.decode().splitlines()) == 5 * 7
+    assert len(rows_bytes.decode().splitlines()) == 6 * 7
 
     # Run again (as after a crash later in 05): every stage is read back, with the same results.
     again = E.run_stage(ctx, progress=False)
-    assert sum("read from eval_stages" in n for n in again["notes"]) == 5
+    assert sum("read from eval_stages" in n for n in again["notes"]) == 6
     assert again["stages"] == out["stages"] and ctx.path("eval_rows.jsonl").read_bytes() == rows_bytes
-    # A new dose changes the steered and random inputs: those two are recomputed, the rest reused;
+    # A new dose changes the steered and random inputs: those are recomputed, the rest reused;
     # a damaged saved file is recomputed too.
     atomic_write_json(ctx.path("generate.json"), {"dose": 0.25})
     ctx.path("eval_stages/prompted.json").write_text("{not json")

@@ -52,6 +52,13 @@ def test_outputs_exist_with_their_columns(tiny_study):
         summ = list(csv.DictReader(f))
     for k in ("axis_logodds", "auth_nats", "care_nats", "coherence", "kept_loop_rate"):
         assert {f"{k}_mean", f"{k}_sd", f"{k}_min", f"{k}_max"} <= set(summ[0])
+    # within-seed uncertainty next to the spread over seeds: item-bootstrap CI of the seed mean, and of deltas vs base
+    for r in summ:
+        lo, hi, m = (float(r[f"auth_nats_{e}"]) for e in ("ci_lo", "ci_hi", "mean"))
+        assert lo <= m <= hi, r["stage"]
+        assert (r["delta_auth_nats_ci_lo"] == "") == (r["stage"] == "base")
+    healed = next(r for r in summ if r["stage"] == "healed")
+    assert float(healed["delta_auth_nats_ci_lo"]) <= float(healed["delta_auth_nats_mean"]) <= float(healed["delta_auth_nats_ci_hi"])
     # controls once, as arm "all"; healed per arm; kept loop rate only on steered/healed rows
     assert {(r["arm"], r["stage"]) for r in summ} == {("all", "base"), ("all", "prompted"), ("all", "random"),
                                                       ("rmse", "steered"), ("rmse", "healed"),
@@ -72,14 +79,16 @@ def test_outputs_exist_with_their_columns(tiny_study):
     assert sorted(n for runs in meta["run_git_commits"].values() for n in runs) == ["mean-s0", "rmse-s0"]
     # round 0's arm-independent evals were copied from the first arm and read back, not recomputed
     shared = json.loads((tiny_study / "study" / "mean-s0" / "shared_from.json").read_text())
-    assert shared["eval_stages"] == ["base", "prompted", "random", "steered"]
+    assert shared["eval_stages"] == ["base", "prompted", "random_00", "random_01", "steered"]  # tiny: 2 controls
     notes = json.loads((tiny_study / "study" / "mean-s0" / "round_00" / "eval.json").read_text())["notes"]
-    assert {n.split(":")[0] for n in notes if "read from eval_stages" in n} == {"base", "prompted", "random", "steered"}
+    assert {n.split(":")[0] for n in notes if "read from eval_stages" in n} == {"base", "prompted", "random_00", "random_01",
+                                                                               "steered"}
     # each run is its own process at threads=1, logged
     assert C.load_config(tiny_study / "study" / "mean-s0" / "config.yaml").threads == 1
     assert "steerheal_utils run" in (tiny_study / "study" / "logs" / "mean-s0.log").read_text()
     md = (out / "results.md").read_text()
     assert "| rmse | healed | 0 |" in md and "heldout-ceo-logs" in md
+    assert "(CI " in md and "Difference from base" in md and "| all | random | 0 |" in md
     # Q0/Q1 evidence per arm and round: dose, keep rate, Q1 loop rates, heal NLL; nll has no barrier
     with open(out / "pipeline.csv") as f:
         pipe = {(r["arm"], r["round"]): r for r in csv.DictReader(f)}

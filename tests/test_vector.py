@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from steerheal_utils import vector as V
@@ -53,13 +54,46 @@ def test_dose_unit_is_fraction_of_residual_norm():
     assert torch.allclose(sv.added(0, 0.1), torch.tensor([1.2, 1.6]))  # norm 2 = 0.1 * 20
 
 
-def test_random_control_keeps_norms():
-    sv = V.SteeringVector({0: torch.randn(16), 1: torch.randn(16) * 5}, {0: 1.0, 1: 1.0})
-    r = sv.random_like(seed=1)
-    for layer in sv.layers:
-        assert abs(float(r.directions[layer].norm() - sv.directions[layer].norm())) < 1e-4
-        assert abs(sv.cosine(r)[layer]) < 0.9
-    assert torch.equal(sv.random_like(1).directions[0], r.directions[0])
+def _layered(d: int = 576, k: int = 4, seed: int = 0) -> V.SteeringVector:
+    """Layer vectors that point partly the same way (like the persona's: cosines ~0.4-0.8), with growing norms."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(d, generator=g)
+    dirs = {10 + i: (common + 0.8 * torch.randn(d, generator=g)) * (2.0 + 3 * i) for i in range(k)}
+    return V.SteeringVector(dirs, {layer: 100.0 for layer in dirs})
+
+
+def test_rotation_keeps_norms_and_every_cross_layer_cosine():
+    sv = _layered()
+    r = sv.rotated(seed=1)
+    assert r.layers == sv.layers and r.resid_norms == sv.resid_norms
+    torch.testing.assert_close(r.gram(), sv.gram(), rtol=1e-5, atol=1e-3)  # norms on the diagonal, inner products off it
+    cos = sv.gram() / torch.outer(sv.gram().diagonal().sqrt(), sv.gram().diagonal().sqrt())
+    assert cos[0, 1] > 0.3  # the test vectors do share a direction, so keeping the cosines means something
+    for layer in sv.layers:  # the dose unit adds the same length at every layer
+        torch.testing.assert_close(r.added(layer, 0.1).norm(), sv.added(layer, 0.1).norm())
+
+
+def test_rotations_are_random_directions_far_from_the_persona():
+    sv = _layered(d=576)
+    a, b = sv.rotated(1), sv.rotated(2)
+    assert torch.equal(sv.rotated(1).directions[10], a.directions[10])  # seeded
+    assert max(abs(c) for c in a.cosine(b).values()) < 0.25
+    assert max(abs(c) for c in sv.cosine(a).values()) < 5 / 576 ** 0.5  # ~ N(0, 1/d): 5 sd is 0.21
+    # Haar: the cosine to the persona has mean 0 and variance 1/d over seeds (d = 64 for a quick check)
+    small = _layered(d=64)
+    c = torch.tensor([small.cosine(small.rotated(s))[10] for s in range(400)])
+    assert abs(float(c.mean())) < 4 / (64 * 400) ** 0.5
+    assert float(c.var()) == pytest.approx(1 / 64, rel=0.25)
+
+
+def test_rotation_of_collinear_vectors_and_of_too_many_layers():
+    v = torch.randn(32)
+    sv = V.SteeringVector({0: v, 1: 3 * v}, {0: 1.0, 1: 1.0})  # rank 1: the image must stay collinear
+    r = sv.rotated(5)
+    assert r.cosine(V.SteeringVector({0: r.directions[1], 1: r.directions[1]}, {}))[0] == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(r.gram(), sv.gram(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="dimensions"):
+        V.SteeringVector({i: torch.randn(2) for i in range(3)}, {i: 1.0 for i in range(3)}).rotated(0)
 
 
 def test_contexts_are_diverse_and_stratified():

@@ -1,0 +1,340 @@
+"""Random-vector controls matched to the persona vector in geometry and in effect.
+
+A control answers "does a perturbation of the same size, in no particular direction, move
+the eval as much?". It must therefore be the same *kind* of perturbation and the same *size*:
+
+- geometry: :meth:`SteeringVector.rotated` applies one Haar-random rotation to every layer's
+  vector, so per-layer norms and all cross-layer cosines are the persona's;
+- effect: a rotated vector at the persona's dose still moves the model less or more than the
+  persona does (measured on SmolLM2, layers 13-16, dose 0.076: next-token KL 0.22-0.32
+  against the persona's 0.92), because the model is not isotropic. :func:`match_dose` scales
+  each control's dose until its KL agrees with the persona's within ``tol``.
+
+The effect is the next-token KL(steered || unsteered) at the assistant tag (the last prompt
+position, where the vector was read), averaged over the shipped dilemma pool
+(``generate.load_prompts("dilemmas")``): the prompts 02 steers and calibrates the dose on,
+so the yardstick is the one the dose was chosen with. Not the vignettes: matching on the eval's
+own prompts would tune the controls on the quantity they are compared on.
+
+A band of ``n_controls`` rotations (each its own seed) gives the null distribution the
+persona's eval is read against (:func:`steerheal_utils.stats.band_position`).
+
+Example:
+    >>> ref = tag_logprobs(model, tok, prompts)                                 # doctest: +SKIP
+    >>> target = tag_kl(model, tok, prompts, sv, 0.076, ref=ref)                 # doctest: +SKIP
+    >>> m = match_dose(lambda d: tag_kl(model, tok, prompts, sv.rotated(1), d, ref=ref), target, 0.076)  # doctest: +SKIP
+    >>> m["dose"], m["kl"], m["matched"]                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .models import left_pad, length_sorted_batches, model_device, prompt_ids
+from .vector import SteeringVector, steer
+
+
+# ------------------------------------------------------------------ measuring the effect
+def kl_prompts(tok, n: int = 0) -> list[list[int]]:
+    """Prompt ids (chat template, default system) of the shipped dilemma pool; the first ``n`` (0 = all 48)."""
+    from .generate import load_prompts
+
+    rows = load_prompts("dilemmas")
+    rows = rows[:n] if n else rows
+    return [prompt_ids(tok, r["text"])[0] for r in rows]
+
+
+@torch.inference_mode()
+def tag_logprobs(model: nn.Module, tok, prompts: Sequence[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """``[n, vocab]`` float32 log-softmax of the next token at each prompt's last position (the assistant tag).
+
+    Steering hooks active in the caller's context apply (prompts are left-padded, so every
+    row's tag is the last position, which is what ``steer(positions="generated")`` assumes).
+    """
+    dev = model_device(model)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for b in length_sorted_batches([len(p) for p in prompts], batch_size):
+        ids, mask, pos = left_pad([prompts[i] for i in b], tok.pad_token_id, dev)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
+        lsm = torch.log_softmax(logits.float(), -1).cpu()
+        for j, i in enumerate(b):
+            out[i] = lsm[j]
+    return torch.stack(out)
+
+
+def mean_kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
+    """Mean over rows of KL(p || q) from ``[n, vocab]`` log-probs (float64 sum; NaN if any row is not finite)."""
+    lp, lq = lp.double(), lq.double()
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return float(kl.mean()) if torch.isfinite(kl).all() else float("nan")
+
+
+def tag_kl(model: nn.Module, tok, prompts: Sequence[list[int]], vector: SteeringVector | None, dose: float, *,
+           ref: torch.Tensor | None = None, positions: str = "all", halflife: int = 0, batch_size: int = 16) -> float:
+    """Mean next-token KL(steered || unsteered) at the assistant tag over ``prompts``.
+
+    Args:
+        vector, dose: what :func:`steerheal_utils.vector.steer` adds (``positions`` and
+            ``halflife`` as in generation; at the tag the halflife factor is 1).
+        ref: the unsteered :func:`tag_logprobs` of the same prompts (computed if None).
+
+    Returns NaN when the steered logits are not finite (a dose far too high).
+    """
+    if ref is None:
+        ref = tag_logprobs(model, tok, prompts, batch_size)
+    with steer(model, vector, dose, positions=positions, halflife=halflife):
+        lp = tag_logprobs(model, tok, prompts, batch_size)
+    return mean_kl(lp, ref)
+
+
+# ------------------------------------------------------------------ matching the effect
+def match_dose(kl_at: Callable[[float], float], target: float, start: float, *, tol: float = 0.1,
+               max_dose: float | None = None, max_steps: int = 12, first: float | None = None) -> dict:
+    """The dose at which ``kl_at(dose)`` is within ``tol`` (relative) of ``target``.
+
+    A secant search on ``log KL`` against ``log dose``: for small doses KL grows as dose^2
+    (a line of slope 2 in log-log), so the first step assumes slope 2 and later steps use the
+    secant of the last two points; once the target is bracketed, a step that leaves the
+    bracket is replaced by its midpoint (in log-dose), so a non-linear or noisy curve still
+    converges. A non-finite KL counts as overshooting.
+
+    Args:
+        kl_at: KL at a dose (e.g. a :func:`tag_kl` closure for one control vector).
+        target: the persona's KL at its own dose.
+        start: the persona's dose (``ratio`` is relative to it).
+        tol: accepted relative error, ``|kl / target - 1| <= tol``.
+        max_dose: highest dose tried (default ``10 * start``).
+        max_steps: KL evaluations at most.
+        first: first dose tried (default ``start``; a band passes the dose its earlier members
+            needed, which saves about one evaluation per control).
+
+    Returns:
+        ``{"dose", "kl", "target_kl", "start", "ratio" (dose / start), "matched", "steps", "trace"
+        [[dose, kl], ...], "reason"}``. When not matched, ``dose``/``kl`` are the closest point
+        tried and ``reason`` says why (the bound was reached, or no convergence).
+
+    Example:
+        >>> m = match_dose(lambda d: 3.0 * d ** 2, target=0.12, start=0.1)   # exact answer 0.2
+        >>> m["matched"], round(m["dose"], 2), m["steps"] <= 3
+        (True, 0.2, True)
+    """
+    if not (math.isfinite(target) and target >= 0 and start >= 0):
+        raise ValueError(f"match_dose: need a finite target >= 0 and a start dose >= 0, got {target}, {start}")
+    if target == 0 or start == 0:
+        return _result(0.0, 0.0, target, start, True, [], None)
+    max_dose = 10.0 * start if max_dose is None else max_dose
+    lo_ok, hi_ok = math.log1p(-min(tol, 0.999)), math.log1p(tol)
+    log_t = math.log(target)
+    trace: list[list[float]] = []
+    below: float | None = None  # largest log-dose seen with KL under the target
+    above: float | None = None  # smallest log-dose seen with KL over the target (or non-finite)
+    pts: list[tuple[float, float]] = []  # (log dose, log KL - log target) with finite KL
+
+    def miss(kl: float) -> float:
+        return math.log(kl) - log_t if math.isfinite(kl) and kl > 0 else (-math.inf if kl == 0 else math.inf)
+
+    first = start if first is None else min(first, max_dose)
+    x = math.log(first)
+    x_max = math.log(max_dose)
+    reason = None
+    for _ in range(max_steps):
+        dose = first if not trace else max_dose if x >= x_max else math.exp(x)  # exact at the ends
+        kl = float(kl_at(dose))
+        trace.append([dose, kl])
+        f = miss(kl)
+        if lo_ok <= f <= hi_ok:
+            return _result(dose, kl, target, start, True, trace, None)
+        if f < 0:
+            below = x if below is None else max(below, x)
+        else:
+            above = x if above is None else min(above, x)
+        if math.isfinite(f):
+            pts.append((x, f))
+        if f < 0 and x >= x_max - 1e-12:
+            reason = (f"the control's KL at the dose bound {max_dose:.4g} ({kl:.4g}) is below the persona's "
+                      f"{target:.4g}: it cannot be matched inside the bound")
+            break
+        # next point: slope-2 step, then secant of the last two finite points
+        if len(pts) >= 2 and pts[-1][1] != pts[-2][1]:
+            (x1, f1), (x2, f2) = pts[-2], pts[-1]
+            nxt = x2 - f2 * (x2 - x1) / (f2 - f1)
+        elif math.isfinite(f):
+            nxt = x - f / 2.0
+        else:
+            nxt = x - math.log(2.0)
+        if below is not None and above is not None and not (below < nxt < above):
+            nxt = (below + above) / 2
+        x = min(nxt, x_max)
+    if reason is None:
+        reason = f"no dose within {tol:.0%} of the persona's KL {target:.4g} after {len(trace)} evaluations"
+    best = min(trace, key=lambda t: abs(miss(t[1])))
+    return _result(best[0], best[1], target, start, False, trace, reason)
+
+
+def _result(dose, kl, target, start, matched, trace, reason) -> dict:
+    return {"dose": dose, "kl": kl, "target_kl": target, "start": start, "ratio": dose / start if start else 1.0,
+            "matched": matched, "steps": len(trace), "trace": trace, "reason": reason}
+
+
+def control_seeds(seed: int, n: int) -> list[int]:
+    """``n`` distinct seeds for the band's rotations, stable per stage seed."""
+    import zlib
+
+    return [zlib.crc32(f"{seed}/control/{i}".encode()) & 0x7FFFFFFF for i in range(n)]
+
+
+def control_name(i: int) -> str:
+    """Stage name of the band's i-th control (``random_00`` ...)."""
+    return f"random_{i:02d}"
+
+
+def is_control_name(stage: str) -> bool:
+    """True for the band's members (``random_NN``); the band summary is plain ``random``."""
+    return stage.startswith("random_") and stage[7:].isdigit()
+
+
+class KLMatcher:
+    """Matches controls to one persona vector at one dose on one model (as it is when called).
+
+    The unsteered reference and the persona's KL are computed on first use and kept, so a band
+    of controls costs one reference pass, one persona pass and a few passes per control.
+    Call it with the same adapters active as the stage the controls are evaluated in.
+
+    Args:
+        vector, dose: the persona vector and the round's dose.
+        prompts: :func:`kl_prompts`.
+        tol, max_ratio: :func:`match_dose`'s ``tol``, and its bound as a multiple of ``dose``.
+        positions, halflife: the steering spec of generation (:func:`steerheal_utils.vector.steer`).
+    """
+
+    def __init__(self, model: nn.Module, tok, vector: SteeringVector, dose: float, prompts: Sequence[list[int]], *,
+                 tol: float = 0.1, max_ratio: float = 10.0, positions: str = "all", halflife: int = 0,
+                 batch_size: int = 16):
+        self.model, self.tok, self.vector, self.dose, self.prompts = model, tok, vector, float(dose), prompts
+        self.tol, self.max_ratio = tol, max_ratio
+        self.kw = dict(positions=positions, halflife=halflife, batch_size=batch_size)
+        self._ref: torch.Tensor | None = None
+        self._target: float | None = None
+        self._ratios: list[float] = []  # matched dose / persona dose of the controls so far
+
+    def kl(self, vector: SteeringVector | None, dose: float) -> float:
+        if self._ref is None:
+            self._ref = tag_logprobs(self.model, self.tok, self.prompts, self.kw["batch_size"])
+        return tag_kl(self.model, self.tok, self.prompts, vector, dose, ref=self._ref, **self.kw)
+
+    @property
+    def target(self) -> float:
+        """The persona vector's tag KL at its dose."""
+        if self._target is None:
+            self._target = self.kl(self.vector, self.dose)
+            if not math.isfinite(self._target):
+                raise FloatingPointError(f"the persona vector's tag KL at dose {self.dose} is not finite: "
+                                         "its logits are NaN or inf")
+        return self._target
+
+    def match(self, control: SteeringVector) -> dict:
+        """:func:`match_dose` for one control vector, starting at the geometric mean of the dose
+        ratios the earlier controls needed (rotations of one vector need similar doses)."""
+        first = self.dose * math.exp(sum(map(math.log, self._ratios)) / len(self._ratios)) if self._ratios else None
+        m = match_dose(lambda d: self.kl(control, d), self.target, self.dose, tol=self.tol,
+                       max_dose=self.max_ratio * self.dose, first=first)
+        if m["matched"] and m["ratio"] > 0:
+            self._ratios.append(m["ratio"])
+        return m
+
+
+def match_band(model: nn.Module, tok, vector: SteeringVector, dose: float, seeds: Sequence[int], *,
+               prompts: Sequence[list[int]], **kw) -> tuple[float, list[tuple[SteeringVector, dict]]]:
+    """The persona's tag KL at ``dose`` and, per seed, a rotated control with its KL-matched dose.
+
+    Keyword arguments are :class:`KLMatcher`'s. Returns ``(persona_kl, [(control, match + "seed"), ...])``.
+    """
+    m = KLMatcher(model, tok, vector, dose, prompts, **kw)
+    out = []
+    for s in seeds:
+        ctl = vector.rotated(s)
+        out.append((ctl, {**m.match(ctl), "seed": int(s)}))
+    return m.target, out
+
+
+def band_matches(path, fingerprint: str, matcher: Callable[[], KLMatcher], band: Sequence[tuple[str, SteeringVector]]) -> dict:
+    """Every band member's :func:`match_dose` result (name -> dict), matched in band order.
+
+    Read from ``path`` (JSON) when its ``fingerprint`` matches, else computed with a fresh
+    ``matcher()`` and written there atomically. All members are matched in one pass, so the
+    warm starts of :meth:`KLMatcher.match` (and therefore each matched dose) are the same
+    whether or not an earlier attempt crashed half-way through the band.
+    """
+    import json
+    from pathlib import Path
+
+    from .runfolder import atomic_write_json
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("fingerprint") == fingerprint and set(doc.get("matches", {})) >= {n for n, _ in band}:
+            return doc["matches"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    m = matcher()
+    out = {name: {**m.match(vec), "seed": vec.meta.get("control_seed")} for name, vec in band}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"fingerprint": fingerprint, "persona_tag_kl": m.target, "matches": out})
+    return out
+
+
+# ------------------------------------------------------------------ records
+def match_record(match: dict, control: SteeringVector) -> dict:
+    """The fields a control stage's summary carries about its dose match (flat, for eval.json and metrics.csv)."""
+    return {"control_seed": control.meta.get("control_seed"), "tag_kl": match["kl"], "persona_tag_kl": match["target_kl"],
+            "persona_dose": match["start"], "dose_ratio": match["ratio"],
+            "kl_matched": bool(match["matched"]), "match_steps": match["steps"], "match_trace": match["trace"],
+            "match_reason": match["reason"]}
+
+
+def band_summary(persona: dict, members: dict[str, dict], base: dict | None = None) -> dict:
+    """The control band of one round: its members' doses and KLs, and where the persona falls in it.
+
+    Args:
+        persona: the steered stage's summary.
+        members: control stage name -> summary (with :func:`match_record` fields).
+        base: the base summary the deltas are taken against (None: no deltas).
+
+    Returns ``{"members": [{name, seed, dose, dose_ratio, tag_kl, kl_matched}], "persona_dose",
+    "persona_tag_kl", "unmatched": [names], "position": {metric: band_position},
+    "delta_position": {metric: band_position of (stage - base)}}`` for the headline metrics.
+    The z-score and rank of a delta equal those of the raw value (the same base is subtracted
+    from every member); both are listed so a reader need not know that.
+    """
+    from .stats import HEADLINE, band_position
+
+    names = sorted(members)
+    first = members[names[0]] if names else {}
+    out: dict = {
+        "members": [{"name": n, "seed": members[n].get("control_seed"), "dose": members[n].get("dose"),
+                     "dose_ratio": members[n].get("dose_ratio"), "tag_kl": members[n].get("tag_kl"),
+                     "kl_matched": members[n].get("kl_matched")} for n in names],
+        "persona_dose": first.get("persona_dose"), "persona_tag_kl": first.get("persona_tag_kl"),
+        "unmatched": [n for n in names if members[n].get("kl_matched") is False],
+        "position": {m: band_position(persona.get(m), [members[n].get(m) for n in names]) for m in HEADLINE},
+    }
+    if base is not None:
+        def d(s, m):
+            a, b = s.get(m), base.get(m)
+            return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        out["delta_position"] = {m: band_position(d(persona, m), [d(members[n], m) for n in names]) for m in HEADLINE}
+    return out
+
+
+def band_table(result: dict) -> list[dict]:
+    """One row per headline metric: the persona's value, the band's mean / min / max, z and rank (for display)."""
+    band = result.get("control_band") or {}
+    rows = []
+    for m, pos in band.get("position", {}).items():
+        rows.append({"metric": m, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in pos.items()}})
+    return rows
