@@ -342,7 +342,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
         base: the base model for the filter's scores (unsteered; ``model`` itself in round 0).
         sv: the steering vector; default: this round's ``vector.safetensors``.
 
-    Writes ``completions.jsonl`` (rows at the chosen dose, :data:`ROW_KEYS`), ``calibration.jsonl``
+    Writes ``generated.jsonl`` (rows at the chosen dose, :data:`ROW_KEYS`), ``calibration.jsonl``
     (every probe row with its dose and reason) and ``generate.json`` (dose, search path, counts
     per reason, timings, tokens/s). Returns the ``generate.json`` content.
     """
@@ -350,7 +350,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
     from .vector import check_vector_matches
 
     cfg = ctx.cfg
-    sv = sv or SteeringVector.load(ctx.path("vector.safetensors"))
+    sv = sv or SteeringVector.load(ctx.artifact("vector"))
     check_vector_matches(sv, model)
     base = model if base is None else base
     pool = load_prompts("dilemmas")
@@ -383,8 +383,8 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
                    rows=start_rows)
     t_all = time.time() - t0
     done = _finish_rows(ctx, rows, pool)
-    atomic_write_jsonl(ctx.path("completions.jsonl"), done)
-    atomic_write_jsonl(ctx.path("calibration.jsonl"), [
+    atomic_write_jsonl(ctx.artifact("generated"), done)
+    atomic_write_jsonl(ctx.artifact("calibration"), [
         {"step": s, "prompt_id": pool[r["pool_index"]]["id"], "dose": r["dose"], "reason": r["reason"],
          "n_tokens": r["n_tokens"], "truncated": r["truncated"], "completion": r["completion"]}
         for s, p_rows in enumerate(cal.probes) for r in p_rows] if cal else [])
@@ -403,7 +403,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
                     "sampling": round(gen_s, 2), "scoring": round(t_all - gen_s, 2)},
         "tokens": dict(n_tok), "tokens_per_s": round(sum(n_tok.values()) / max(gen_s, 1e-9), 1),
     }
-    atomic_write_json(ctx.path("generate.json"), summary)
+    atomic_write_json(ctx.artifact("generate_summary"), summary)
     return summary
 
 

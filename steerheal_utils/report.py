@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from . import contract
+from .markers import rounds_that_hold
 from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
 NATS = ("care_nats", "fairness_nats", "loyalty_nats", "auth_nats", "sanctity_nats", "liberty_nats", "social_nats")
@@ -34,19 +36,17 @@ STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
 
 # ------------------------------------------------------------------ reading the run
 def load_evals(run_dir: Path | str) -> list[dict]:
-    """Every ``round_NN/eval.json`` of a run, in round order."""
+    """``round_NN/eval.json`` of every round whose step records hold, in round order."""
     out = []
-    for d in sorted(Path(run_dir).glob("round_[0-9][0-9]")):
-        p = d / "eval.json"
-        if p.exists():
-            ev = read_json(p, "eval record")
-            ev.setdefault("round", int(d.name[-2:]))
-            out.append(ev)
+    for rnd in rounds_that_hold(run_dir):  # a round whose records do not hold is left out (`run` says why)
+        ev = read_json(contract.path(run_dir, rnd, "eval"), "eval record")
+        ev.setdefault("round", rnd)
+        out.append(ev)
     return out
 
 
 def _kept_counts(run_dir: Path, rnd: int) -> tuple[int | None, int | None]:
-    p = Path(run_dir) / f"round_{rnd:02d}" / "completions.jsonl"
+    p = contract.path(run_dir, rnd, "completions")
     if not p.exists():
         return None, None
     rows = read_jsonl(p, "completions")
@@ -78,7 +78,7 @@ def write_metrics(run_dir: Path | str) -> Path:
     w.writeheader()
     for row in metric_rows(run_dir):
         w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
-    path = Path(run_dir) / "metrics.csv"
+    path = contract.run_path(run_dir, "metrics")
     atomic_write_text(path, buf.getvalue())
     return path
 
@@ -215,7 +215,8 @@ def write_report(run_dir: Path | str) -> Path:
     parts = [f"<h3>{html.escape(f.layout.title.text or '')}</h3>" + pio.to_html(f, include_plotlyjs=(i == 0), full_html=False)
              for i, f in enumerate(figs)]
     rows = metric_rows(run_dir)
-    cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else "(no config.yaml)"
+    cfg_path = contract.run_path(run_dir, "config")
+    cfg_text = cfg_path.read_text() if cfg_path.exists() else "(no config.yaml)"
     stops = [f"round {e['round']}: {e['stop'].get('reason')}" for e in load_evals(run_dir) if e.get("stop")]
     notes = [f"round {e['round']}: {n}" for e in load_evals(run_dir) for n in e.get("notes", [])]
     stop_html = ("<p class='stop'><b>The loop stopped.</b> " + "; ".join(html.escape(s) for s in stops) + "</p>") if stops \
@@ -235,7 +236,7 @@ td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}} .h
 <h2>Config</h2><pre>{html.escape(cfg_text)}</pre>
 </body></html>
 """
-    path = run_dir / "report.html"
+    path = contract.run_path(run_dir, "report")
     atomic_write_text(path, doc)
     write_png(run_dir, rows)
     return path
@@ -290,7 +291,7 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    path = Path(run_dir) / "trajectory.png"
+    path = contract.run_path(run_dir, "trajectory")
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -314,5 +315,6 @@ def _cli_report(args) -> int:
         return 1
     write_metrics(run_dir)
     path = write_report(run_dir)
-    print(json.dumps({"report": str(path), "metrics": str(run_dir / "metrics.csv"), "png": str(run_dir / "trajectory.png")}))
+    print(json.dumps({"report": str(path), "metrics": str(contract.run_path(run_dir, "metrics")),
+                      "png": str(contract.run_path(run_dir, "trajectory"))}))
     return 0

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import config as C
+from . import contract
 from .embedded import sha256
 from .runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
 
@@ -420,7 +421,7 @@ def collect_runs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int
             for row in metric_rows(run):
                 rnd = row["round"]
                 if rnd not in rates:
-                    p = run / f"round_{rnd:02d}" / "completions.jsonl"
+                    p = contract.path(run, rnd, "completions")
                     rates[rnd] = kept_loop_rate(read_jsonl(p, "completions"), strict) if p.exists() else None
                 lr = rates[rnd] if row["stage"] in ("steered", "healed") else None
                 out.append({"arm": arm, "seed": seed, **row, "kept_loop_rate": lr})
@@ -446,23 +447,26 @@ def pipeline_rows(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[in
         for seed in seeds:
             run = Path(study_dir) / run_name(arm, seed)
             for d in sorted(run.glob("round_[0-9][0-9]")):
-                row: dict[str, Any] = {"arm": arm, "seed": seed, "round": int(d.name[-2:])}
-                if (d / "generate.json").exists():
-                    row["dose"] = read_json(d / "generate.json").get("dose")
-                if (d / "filter.json").exists():
-                    f = read_json(d / "filter.json")
+                rnd = int(d.name[-2:])
+                row: dict[str, Any] = {"arm": arm, "seed": seed, "round": rnd}
+                gen, filt = contract.path(run, rnd, "generate_summary"), contract.path(run, rnd, "filter_summary")
+                q1, healj = contract.path(run, rnd, "heal_q1"), contract.path(run, rnd, "heal_summary")
+                if gen.exists():
+                    row["dose"] = read_json(gen).get("dose")
+                if filt.exists():
+                    f = read_json(filt)
                     row.update(n_generated=f.get("n"), keep_rate=(f["n_kept"] / f["n"]) if f.get("n") else None,
                                reasons=f.get("reasons") or {})
                     lab = f.get("labelled") or {}
                     row.update(labelled_precision=lab.get("precision"), labelled_degenerate_recall=lab.get("degenerate_recall"))
-                if (d / "heal_q1.json").exists():
-                    sets = read_json(d / "heal_q1.json").get("sets", {})
+                if q1.exists():
+                    sets = read_json(q1).get("sets", {})
                     for name, key in (("steered", "steered"), ("healed_sampled", "healed_sampled"), ("healed_greedy", "healed_greedy")):
                         row[f"q1_loop_{key}"] = sets.get(name, {}).get("loop_rate")
                     row["q1_ppl_steered"] = sets.get("steered", {}).get("tail_ppl_median")
                     row["q1_ppl_healed_sampled"] = sets.get("healed_sampled", {}).get("tail_ppl_median")
-                if (d / "heal.json").exists():
-                    h = read_json(d / "heal.json").get("summary", {})
+                if healj.exists():
+                    h = read_json(healj).get("summary", {})
                     row.update(heal_nll_first=h.get("nll_first"), heal_nll_last=h.get("nll_last"),
                                heal_hinge_frac=h.get("hinge_frac_mean"))
                 if len(row) > 3:
