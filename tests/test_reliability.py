@@ -22,10 +22,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import write_nb
+from conftest import FAKE_OUTPUTS, fake_round, write_nb
 import torch
 
 from steerheal_utils import config as C
+from steerheal_utils import contract, markers
 from steerheal_utils import embedded as E
 from steerheal_utils import models as M
 from steerheal_utils import runfolder as R
@@ -149,6 +150,7 @@ def test_trust_remote_code_is_off_by_default_and_passed_through(tmp_path, monkey
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")  # only safetensors folders get as far as transformers
     seen = []
 
     class Stop(Exception):
@@ -230,10 +232,13 @@ def test_enospc_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, whe
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    cfg = C.resolve("tiny")
+    R.atomic_write_bytes(contract.path(tmp_path, 0, "vector"), b"v")
+    before = markers.input_snapshot(tmp_path, 0, "01_vector", cfg)
     monkeypatch.setattr(R.os, "fsync", full)
-    with pytest.raises(OSError):  # a marker write fails the same way: the stage stays not-done
-        R.mark_done(tmp_path, 0, "05_eval")
-    assert not R.is_done(tmp_path, 0, "05_eval") and temp_leftovers(tmp_path) == []
+    with pytest.raises(OSError):  # a record's write fails the same way: the stage stays not-done
+        markers.seal(tmp_path, 0, "01_vector", cfg, inputs_before=before)
+    assert not R.is_done(tmp_path, 0, "01_vector") and temp_leftovers(tmp_path) == []
 
 
 def test_atomic_dir_failure_keeps_the_old_folder(tmp_path, monkeypatch):
@@ -268,21 +273,36 @@ def test_atomic_dir_failure_keeps_the_old_folder(tmp_path, monkeypatch):
 def test_clean_temp_files_removes_only_interrupted_writes(tmp_path):
     rd = tmp_path / "round_00"
     (rd / "adapter").mkdir(parents=True)
-    mine = [rd / ".completions.jsonl.ab12cd_9.tmp", rd / ".done" / ".04_heal.json.zzzzzzzz.tmp",
-            tmp_path / ".metrics.csv.k3j4h5g6.tmp", rd / ".adapter.123-456.old.tmp"]
+    mine = [rd / ".completions.jsonl.shtmp-ab12cd_9.tmp", rd / ".done" / ".04_heal.json.shtmp-zzzzzzzz.tmp",
+            tmp_path / ".metrics.csv.shtmp-k3j4h5g6.tmp", rd / ".adapter.shtmp-123-456.old.tmp"]
     for p in mine:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.mkdir() if p.name.endswith("old.tmp") else p.write_text("half")
-    (rd / ".adapter.q1w2e3r4.tmp").mkdir()
-    (rd / ".adapter.q1w2e3r4.tmp" / "adapter_model.safetensors").write_text("half")
-    keep = [rd / "completions.jsonl", tmp_path / "notes.tmp", tmp_path / "elsewhere" / ".x.abcdefgh.tmp"]
+    (rd / ".adapter.shtmp-q1w2e3r4.tmp").mkdir()
+    (rd / ".adapter.shtmp-q1w2e3r4.tmp" / "adapter_model.safetensors").write_text("half")
+    # a user's files named like temporary files of other tools are never touched
+    keep = [rd / "completions.jsonl", tmp_path / "notes.tmp", tmp_path / "elsewhere" / ".x.shtmp-abcdefgh.tmp",
+            tmp_path / ".notes.12345678.tmp", rd / ".mine.123-456.old.tmp", rd / ".draft.ab12cd_9.tmp"]
     for p in keep:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("keep")
     removed = R.clean_temp_files(tmp_path)
     assert len(removed) == 5
-    assert all(not p.exists() for p in mine) and not (rd / ".adapter.q1w2e3r4.tmp").exists()
+    assert all(not p.exists() for p in mine) and not (rd / ".adapter.shtmp-q1w2e3r4.tmp").exists()
     assert all(p.exists() for p in keep) and (rd / "adapter").is_dir()
+
+
+def test_temp_names_of_atomic_writes_are_what_the_cleaner_removes(tmp_path, monkeypatch):
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(R.os, "replace", lambda a, b: (seen.extend([Path(a).name, Path(b).name]), real(a, b))[1])
+    R.atomic_write_text(tmp_path / "round_00" / "x.json", "{}")
+    with R.atomic_dir(tmp_path / "round_00" / "adapter") as d:
+        (d / "w").write_text("1")
+    with R.atomic_dir(tmp_path / "round_00" / "adapter") as d:  # replacing: the old folder moves aside first
+        (d / "w").write_text("2")
+    hidden = [n for n in seen if n.startswith(".")]  # two temp files/folders, the old folder, a temp folder
+    assert len(hidden) == 4 and all(R._TEMP_NAME.match(n) for n in hidden), seen
 
 
 def test_corrupt_json_and_jsonl_name_the_file(tmp_path):
@@ -297,15 +317,116 @@ def test_corrupt_json_and_jsonl_name_the_file(tmp_path):
 
 
 # ====================================================================== run folder markers and lock
-def test_rerunning_a_stage_unmarks_everything_downstream(tmp_path):
-    for r in (0, 1):
-        for s in R.STAGES:
-            R.mark_done(tmp_path, r, s)
-    R.atomic_write_json(tmp_path / "stop.json", {"round": 1, "reason": "coherence"})
-    removed = R.invalidate_after(tmp_path, 0, "03_filter")
-    assert [R.is_done(tmp_path, 0, s) for s in R.STAGES] == [True, True, True, False, False]
-    assert not any(R.is_done(tmp_path, 1, s) for s in R.STAGES) and len(removed) == 7
-    assert not (tmp_path / "stop.json").exists()
+def _run_of_two_rounds(tmp_path, **over):
+    from steerheal_utils.driver import init_run
+
+    run = tmp_path / "run"
+    cfg = C.resolve("tiny", over)
+    init_run(run, cfg)
+    fake_round(run, 0, cfg)
+    fake_round(run, 1, cfg)
+    return run, cfg
+
+
+def _states(run) -> dict:
+    chk = markers.Checker(run)
+    return {(r, s): chk.status(r, s).state for r in chk.rounds() for s in R.STAGES}
+
+
+def test_sealed_records_hold_and_a_missing_output_is_named(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    assert set(_states(run).values()) == {"ok"} and markers.rounds_that_hold(run) == [0, 1]
+    rec = json.loads(R.marker_path(run, 0, "05_eval").read_text())
+    assert set(rec["inputs"]) == {"round_00/adapter/weights.safetensors", "round_00/vector.safetensors",
+                                  "round_00/generate.json"}
+    assert set(rec["outputs"]) == {"round_00/eval.json", "round_00/eval_rows.jsonl"} and rec["config"]["coh_floor"] == 0.0
+    (run / "round_00" / "eval.json").unlink()
+    st = markers.Checker(run).status(0, "05_eval")
+    assert (st.state, st.reason) == ("broken", "round_00/eval.json is missing")
+    # round 1 was not built on round 0's eval: it still holds, round 0 is left out of the report
+    assert markers.rounds_that_hold(run) == [1]
+
+
+def test_a_changed_file_makes_what_was_built_on_it_stale(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    p = run / "round_00" / "completions.jsonl"
+    p.write_text(p.read_text()[:5])  # cut
+    chk = markers.Checker(run)
+    assert chk.status(0, "03_filter").state == "broken"
+    assert "round_00/completions.jsonl changed since 03_filter wrote it" in chk.status(0, "03_filter").reason
+    assert chk.status(0, "04_heal").reason.startswith("it was built on round 00 03_filter, which does not hold")
+    assert [chk.status(1, s).state for s in R.STAGES] == ["stale"] * 5  # every later round stood on round 0's adapter
+    assert chk.status(0, "02_generate").holds and markers.rounds_that_hold(run) == []
+    # 03 redone with a different result: its own record holds again, 04 read the old file
+    fake_round(run, 0, cfg, ["03_filter"], tag=" (redone)")
+    chk = markers.Checker(run)
+    assert chk.status(0, "03_filter").state == "ok"
+    assert chk.status(0, "04_heal").reason == "round_00/completions.jsonl changed since 04_heal read it"
+
+
+def test_a_redone_step_with_the_same_result_leaves_the_rest_standing(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 0, "02_generate")
+    assert _states(run)[0, "03_filter"] == "stale"
+    fake_round(run, 0, cfg, ["02_generate"])  # same bytes again
+    assert set(_states(run).values()) == {"ok"}
+
+
+def test_a_config_change_applies_from_its_round_on(tmp_path):
+    from steerheal_utils.driver import init_run
+
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 1, "05_eval")  # round 1 is not finished
+    new = C.resolve("tiny", {"lr": 1e-2})
+    init_run(run, new, override=True)
+    hist = R.read_config_history(run)
+    assert [e["from_round"] for e in hist] == [0, 1] and hist[1]["changes"] == ["lr: 0.0001 -> 0.01"]
+    assert R.round_config(run, 0).lr == 1e-4 and R.round_config(run, 1).lr == 1e-2 and C.load_config(run / "config.yaml") == new
+    st = _states(run)
+    assert all(st[0, s] == "ok" for s in R.STAGES)  # finished rounds keep the config they were made with
+    assert st[1, "01_vector"] == st[1, "03_filter"] == "ok"  # steps that do not use lr
+    why = markers.Checker(run).status(1, "04_heal").reason
+    assert st[1, "04_heal"] == "stale" and why == "the config changed (lr: 0.0001 -> 0.01)"
+    assert markers.rounds_that_hold(run) == [0]
+
+
+def test_legacy_markers_hold_and_are_adopted_not_trusted_blindly(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    for s in R.STAGES:
+        R.atomic_write_json(R.marker_path(run, 0, s), {"stage": s, "round": 0, "finished": 1.0, "seconds": 2.0})
+    (run / "round_00" / "generated.jsonl").unlink()  # the old layout had no separate 02 file
+    assert [markers.Checker(run).status(0, s).state for s in R.STAGES] == ["legacy"] * 5
+    for s in R.STAGES:
+        markers.adopt(run, 0, s, cfg)
+    assert set(_states(run).values()) == {"ok"}
+    assert json.loads(R.marker_path(run, 0, "04_heal").read_text())["by"] == "adopted"
+    R.atomic_write_json(R.marker_path(run, 1, "04_heal"), {"stage": "04_heal"})
+    (run / "round_01" / "heal.json").unlink()
+    with pytest.raises(R.RunFolderError, match="round_01/heal.json missing"):
+        markers.adopt(run, 1, "04_heal", cfg)
+
+
+def test_seal_refuses_a_missing_output_or_an_input_changed_meanwhile(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    before = markers.input_snapshot(run, 0, "04_heal", cfg)
+    (run / "round_00" / "heal_q1.json").unlink()
+    with pytest.raises(R.RunFolderError, match="finished without writing round_00/heal_q1.json"):
+        markers.seal(run, 0, "04_heal", cfg, inputs_before=before)
+    R.atomic_write_text(run / "round_00" / "heal_q1.json", "{}")
+    R.atomic_write_text(run / "round_00" / "completions.jsonl", "changed\n")
+    with pytest.raises(R.RunFolderError, match="round_00/completions.jsonl changed while the step ran"):
+        markers.seal(run, 0, "04_heal", cfg, inputs_before=before)
+
+
+def test_a_corrupted_marker_or_a_changed_vignette_file_is_noticed(tmp_path):
+    vign = tmp_path / "v.jsonl"
+    vign.write_text('{"id": 1}\n')
+    run, cfg = _run_of_two_rounds(tmp_path, vignettes=str(vign))
+    assert f"vignettes:{vign}" in json.loads(R.marker_path(run, 0, "05_eval").read_text())["inputs"]
+    vign.write_text('{"id": 2}\n')
+    assert markers.Checker(run).status(0, "05_eval").reason == f"vignettes:{vign} changed since 05_eval read it"
+    R.marker_path(run, 1, "01_vector").write_text('{"stage": "01_vect')
+    assert markers.Checker(run).status(1, "01_vector").reason == "its marker round_01/.done/01_vector.json is corrupted"
 
 
 def test_one_driver_per_run_folder_and_a_dead_holder_frees_it(tmp_path):
@@ -613,7 +734,7 @@ from steerheal_utils import runfolder, stage
 ctx = stage.open_stage("01_vector", globals())
 time.sleep(6)
 runfolder.atomic_write_text(ctx.path("done.txt"), str(ctx.run_dir))
-"""
+""" + FAKE_OUTPUTS
 
 
 def test_two_runs_at_once_do_not_interfere_and_one_folder_has_one_driver(tmp_path):
