@@ -456,6 +456,131 @@ def test_one_driver_per_run_folder_and_a_dead_holder_frees_it(tmp_path):
         pass
 
 
+# ====================================================================== inputs checked once, in one place
+def _main(args, capsys) -> tuple[int, str]:
+    from steerheal_utils.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_nan_and_inf_are_refused_by_the_config(tmp_path, capsys):
+    for item, key in (("lr=nan", "lr"), ("temperature=nan", "temperature"), ("calib_hi=.inf", "calib_hi"),
+                      ("lam_round_pow=-.inf", "lam_round_pow")):
+        with pytest.raises(C.ConfigError, match=f"{key}: expected a finite number"):
+            C.resolve("tiny", [item])
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--set", "lr=nan"], capsys)
+    assert code == 2 and err == "config error: lr: expected a finite number, got nan\n"
+    assert not (tmp_path / "r").exists()
+    bad = tmp_path / "nan.yaml"  # a saved NaN (an older version let it through) is named, not compared as "nan -> nan"
+    bad.write_text("lr: .nan\n")
+    with pytest.raises(C.ConfigError, match=f"{bad}: lr: expected a finite number"):
+        C.load_config(bad)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("- 1\n- 2\n", "holds a list"), ("hello\n", "holds a str ('hello')"), ("", "is empty"),
+    ("a: [\n", "is not valid YAML"), ("1: 2\n", "unknown config key '1'")])
+def test_config_files_that_are_not_a_mapping_are_one_line_errors(tmp_path, capsys, content, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(content)
+    code, err = _main(["run", "--config", str(f), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.startswith(f"config error: {f}") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_dir_that_is_a_file_and_a_damaged_config_yaml_are_one_line_errors(tmp_path, capsys):
+    from steerheal_utils.driver import init_run
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", str(f)], capsys)
+    assert code == 2 and err == f"config error: --run-dir {f} is a file, not a run folder: give a folder (new or existing)\n"
+    run = tmp_path / "run"
+    init_run(run, C.resolve("tiny"))
+    args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
+    for content, needle in (("", "is empty"), ("tiny\n", "holds a str ('tiny')"),
+                            ((run / "config.yaml").read_text().replace("seed: 0", "seed: 7"),
+                             "differs from the last entry of config_history.jsonl (edited by hand?): seed: 0 -> 7")):
+        (run / "config.yaml").write_text(content)
+        code, err = _main(args, capsys)
+        assert code == 2 and needle in err and "--override-config" in err and "different config" not in err, err
+    # --override-config writes the config back (recorded in the history as such)
+    init_run(run, C.resolve("tiny"), override=True)
+    assert C.load_config(run / "config.yaml") == C.resolve("tiny")
+    assert R.read_config_history(run)[-1]["changes"] == ["config.yaml written again"]
+
+
+def test_paths_are_resolved_once_against_the_callers_directory(tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "models" / "good").mkdir(parents=True)
+    (work / "v.jsonl").write_text("{}\n")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    cfg = C.resolve("tiny", {"model": "models/good", "vignettes": "v.jsonl"})
+    assert cfg.model == str(work / "models" / "good") and cfg.vignettes == str(work / "v.jsonl")
+    C.check_files(cfg)
+    C.save_config(cfg, tmp_path / "c.yaml")
+    monkeypatch.chdir(elsewhere)  # a stage with another working directory sees the same files
+    assert C.load_config(tmp_path / "c.yaml") == cfg
+    with pytest.raises(C.ConfigError, match=f"vignettes: no such file {elsewhere / 'v.jsonl'}"):
+        C.check_files(C.resolve("tiny", {"vignettes": "v.jsonl"}))
+    assert C.resolve("tiny", {"model": "org/name"}).model == "org/name"  # an HF id that is not a folder here
+    assert C.resolve("tiny", {"model": "./org"}).model == str(elsewhere / "org")  # a path: named in full in errors
+
+
+def test_model_folder_with_only_pickled_weights_is_refused(tmp_path, capsys):
+    sentinel = tmp_path / "PWNED"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Sentinel(sentinel)))
+    with pytest.raises(M.ModelLoadError, match="no \\*.safetensors weights \\(found pytorch_model.bin: pickled"):
+        M.check_model(str(folder))
+    with pytest.raises(M.ModelLoadError, match="pickled weights"):
+        M.load_model(str(folder))
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--set", f"model={folder}"], capsys)
+    assert code == 1 and err.startswith("model error:") and "pytorch_model.bin" in err and "Traceback" not in err
+    assert not sentinel.exists() and not (tmp_path / "r").exists()
+
+
+def test_notebook_run_dir_that_does_not_exist_is_an_error_not_a_new_run(tmp_path):
+    with pytest.raises(C.ConfigError, match=f"run_dir: {tmp_path / 'typo'} does not exist"):
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path / "typo"), "round": 0})
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.ConfigError, match="has no config.yaml"):
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path / "empty"), "round": 0})
+    ctx = stage.open_stage("01_vector", {"run_dir": str(tmp_path / "new"), "round": 0, "preset": "tiny"})  # asked for
+    assert ctx.cfg == C.resolve("tiny") and R.read_config_history(tmp_path / "new")[0]["from_round"] == 0
+
+
+def test_a_hand_run_on_a_finished_step_writes_to_scratch_only(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 1, "03_filter")
+    states, files = _states(run), {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ctx = stage.open_stage("02_generate", {"run_dir": str(run), "round": 0})
+    assert ctx.mode == "explore" and ctx.explore_dir.parent == run / "round_00" / "explore"
+    assert ctx.artifact("generated") == ctx.explore_dir / "generated.jsonl"  # outputs: scratch
+    assert ctx.artifact("vector") == run / "round_00" / "vector.safetensors"  # inputs: the journal
+    assert ctx.path("x.txt") == ctx.explore_dir / "x.txt"
+    with pytest.raises(contract.ContractError, match="02_generate does not declare 'completions'"):
+        ctx.artifact("completions")
+    with pytest.raises(contract.ContractError, match="'vector' of round 1"):
+        ctx.artifact("vector", 1)
+    R.atomic_write_text(ctx.artifact("generated"), "explored\n")
+    ctx3 = stage.open_stage("03_filter", {"run_dir": str(run), "round": 0})
+    assert ctx3.artifact("generated") == ctx.artifact("generated")  # the next step explores on from there
+    other = stage.open_stage("02_generate", {"run_dir": str(run), "round": 0, "dose": 0.5})
+    assert other.explore_dir != ctx.explore_dir and other.cfg.dose == 0.5
+    later = stage.open_stage("03_filter", {"run_dir": str(run), "round": 1})  # no record: the journal, as before
+    assert later.mode == "journal" and later.artifact("completions") == run / "round_01" / "completions.jsonl"
+    assert _states(run) == states  # exploring changed no record...
+    assert all(p.read_bytes() == b for p, b in files.items() if p.name != ".lock")  # ...and no file of the journal
+    with pytest.raises(C.ConfigError, match="replace=True takes no config keys"):
+        stage.open_stage("02_generate", {"run_dir": str(run), "round": 0, "replace": True, "dose": 0.5})
+
+
 # ====================================================================== paths cannot escape the run folder
 def test_names_cannot_escape_the_run_folder(tmp_path):
     run = tmp_path / "run"
