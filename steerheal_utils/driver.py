@@ -141,7 +141,7 @@ def kernel_name() -> str:
     base = cache_root() / "jupyter"
     spec = base / "kernels" / name / "kernel.json"
     want = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                     "--IPKernelApp.log_level=ERROR"],
+                     "--IPKernelApp.log_level=CRITICAL"],  # no kernel-side noise (e.g. on Ctrl-C): cell errors reach the notebook
             "display_name": f"steerheal ({sys.executable})", "language": "python",
             # A fixed hash seed: set and dict-of-str iteration orders are then the same in
             # every kernel, so a resumed run repeats exactly what an uninterrupted one does.

@@ -800,6 +800,7 @@ def test_concurrent_first_use_converts_once(tmp_path):
     out = cache / "models" / E.NAME
     assert [o[0].strip() for o in outs] == [str(out)] * 2
     assert log.read_text() == "start\nend\n"  # converted exactly once
+    assert sum("waiting for another process to finish converting" in o[1] for o in outs) == 1  # the waiter says so
     assert sorted(p.name for p in out.iterdir()) == ["READY", "config.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"w" * 1000
     assert not stale.exists() and [p.name for p in (cache / "models").iterdir() if p.name.endswith(".tmp")] == []
@@ -851,6 +852,47 @@ def test_stage_fault_is_one_message_and_the_same_command_resumes(tmp_path, kind,
     assert R.is_done(run, 0, "01_vector") and (run / "round_00" / "vector.safetensors").stat().st_size == 100000
     assert temp_leftovers(run) == []
 
+
+
+INTERRUPTIBLE_STAGE = """
+import time
+from pathlib import Path
+from steerheal_utils import stage
+ctx = stage.open_stage("01_vector", globals())
+if Path({slow!r}).exists():
+    time.sleep(120)
+""" + FAKE_OUTPUTS
+
+
+def test_ctrl_c_prints_one_message_and_the_same_command_resumes(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    slow = tmp_path / "slow"
+    slow.write_text("1")
+    write_nb(d / "01_vector.ipynb", INTERRUPTIBLE_STAGE.format(slow=str(slow)))
+    run = tmp_path / "run"
+    args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
+    # its own session: a terminal's Ctrl-C reaches the whole foreground process group
+    proc = subprocess.Popen([sys.executable, "-m", "steerheal_utils", *args], env=cli_env(tmp_path, d), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "round_00" / "01_vector.ipynb").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        time.sleep(5.0)  # the kernel is up and in the cell
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err and "ERROR" not in err, err
+    assert err.count("interrupted: re-run the same command to resume") == 1, err
+    assert not R.is_done(run, 0, "01_vector")
+    slow.unlink()
+    r = run_cli(args, tmp_path, d)
+    assert r.returncode == 0 and R.is_done(run, 0, "01_vector"), r.stderr[-3000:]
 
 
 SLOW_STAGE = """
