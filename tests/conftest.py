@@ -58,7 +58,7 @@ FAKE_OUTPUTS = (
     "from steerheal_utils import contract as _c, runfolder as _r\n"
     "for _n in _c.step(ctx.stage).writes:\n"
     "    _p = ctx.artifact(_n)\n"
-    "    _r.atomic_write_bytes(_p / 'x' if _c.artifact(_n).kind != 'file' else _p, _n.encode())\n")
+    "    _r.atomic_write_text(_p / 'x' if _c.artifact(_n).kind != 'file' else _p, '{\"fake\": \"%s\"}\\n' % _n)\n")
 
 
 def fake_round(run: Path, rnd: int, cfg, stages=None, tag: str = "") -> None:
