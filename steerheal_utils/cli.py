@@ -78,10 +78,9 @@ def _checked(report_func):
     def run(args) -> int:
         from pathlib import Path
 
-        from .driver import check_run_dir
         from .markers import Checker
 
-        run_dir = check_run_dir(args.run_dir)
+        run_dir = Path(args.run_dir)
         code = report_func(args)
         problems = Checker(run_dir).problems() if run_dir.is_dir() else []
         for p in problems:

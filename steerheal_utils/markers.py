@@ -229,6 +229,14 @@ class Checker:
     def status(self, rnd: int, stage: str) -> Status:
         key = (rnd, stage)
         if key not in self._status:
+            # A record depends only on earlier (round, step) records: fill those first, in order,
+            # so that checking round 99 never recurses 500 records deep.
+            for r in range(rnd + 1):
+                for s in contract.STAGES:
+                    if (r, s) == key:
+                        break
+                    if (r, s) not in self._status:
+                        self._status[r, s] = self._check(r, s)
             self._status[key] = self._check(rnd, stage)
         return self._status[key]
 
@@ -322,9 +330,3 @@ def _running_eval(run_dir: Path) -> int | None:
     except OSError:
         return None
     return ctx.round if same else None
-
-
-def describe(problems: list[Status], run_dir: Path | str) -> str:
-    """One line per record that does not hold, with what to do."""
-    lines = [f"{p.label}: {p.reason}" for p in problems]
-    return "\n".join(lines)

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,31 @@ def test_papermill_injected_bad_parameter_fails_before_any_model_loads(tmp_path,
     nb = nbformat.read(out, as_version=4)
     failed = [c for c in nb.cells if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert len(failed) == 1 and "open_stage" in failed[0].source
+
+
+def test_hand_run_in_a_kernel_needs_an_existing_run_dir_and_a_fixed_hash_seed(tmp_path, monkeypatch):
+    """Papermill stands in for JupyterLab: a kernel started without the driver."""
+    import papermill as pm
+
+    from steerheal_utils.driver import init_run, kernel_name
+
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))
+    seeded = kernel_name()  # PYTHONHASHSEED=0, as the driver's kernels
+    nb = str(REPO / "notebooks" / "01_vector.ipynb")
+    with pytest.raises(pm.PapermillExecutionError) as ei:
+        pm.execute_notebook(nb, str(tmp_path / "a.ipynb"), kernel_name=seeded, progress_bar=False,
+                            parameters={"run_dir": str(tmp_path / "runs" / "tpyo"), "round": 0})
+    assert ei.value.ename == "ConfigError" and "tpyo does not exist" in ei.value.evalue
+    assert not (tmp_path / "runs").exists()
+    run = tmp_path / "run"
+    init_run(run, C.resolve("tiny"))
+    monkeypatch.setenv("PYTHONHASHSEED", "random")  # what a plain JupyterLab kernel has
+    with pytest.raises(pm.PapermillExecutionError) as ei:
+        pm.execute_notebook(nb, str(tmp_path / "b.ipynb"), kernel_name="python3", progress_bar=False,
+                            parameters={"run_dir": str(run), "round": 0})
+    assert ei.value.ename == "ConfigError" and "PYTHONHASHSEED=0" in ei.value.evalue
+    assert not (run / "round_00" / "vector.safetensors").exists()
 
 
 # ====================================================================== model load errors
@@ -937,10 +963,6 @@ def test_two_runs_at_once_do_not_interfere_and_one_folder_has_one_driver(tmp_pat
 # One uninterrupted 1-round run is the reference; the fault tests start from copies of its
 # finished stages where the fault is about a later stage, so each costs only what it tests.
 TINY = ["run", "--preset", "tiny", "--rounds", "1"]
-STAGE_FILES = {"04_heal": ["adapter", "heal.json", "heal_steps.csv", "heal_q1.json"],
-               "05_eval": ["eval.json", "eval_rows.jsonl"]}
-
-
 def metrics(run: Path) -> list[dict]:
     """metrics.csv without its wall-clock column (the one thing a re-run cannot repeat)."""
     import csv
@@ -964,13 +986,14 @@ def copy_until(ref: Path, dst: Path, last: str) -> Path:
     import shutil
 
     dst.mkdir(parents=True)
-    shutil.copy2(ref / "config.yaml", dst / "config.yaml")
+    for name in ("config", "config_history"):
+        shutil.copy2(contract.run_path(ref, name), contract.run_path(dst, name))
     shutil.copytree(ref / "round_00", dst / "round_00")
     for s in R.STAGES[R.STAGES.index(last) + 1:]:
         R.clear_done(dst, 0, s)
-        (dst / "round_00" / f"{s}.ipynb").unlink(missing_ok=True)
-        for name in STAGE_FILES.get(s, []):
-            p = dst / "round_00" / name
+        contract.journal_path(dst, 0, s).unlink(missing_ok=True)
+        for name in contract.step(s).writes:
+            p = contract.path(dst, 0, name)
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return dst
 
@@ -1031,9 +1054,11 @@ def test_nan_in_heal_stops_the_round_with_nothing_marked(tmp_path, reference):
 @pytest.mark.slow
 def test_filter_starvation_is_a_clear_message_with_counts(tmp_path, reference):
     run = copy_until(reference, tmp_path / "run", "02_generate")
-    r = run_cli([*TINY, "--run-dir", str(run), "--set", "max_tail_ppl=1.0", "--override-config"], tmp_path)
-    assert_one_clear_error(r, "round 00 03_filter failed: TooFewKept", "filter starvation", "kept 0 of",
-                           "min_train=1")
+    # min_train is a filter key, which 02 uses too (it filters every sample): 02 runs again first
+    # (same rows), then 03 stops the round
+    r = run_cli([*TINY, "--run-dir", str(run), "--set", "min_train=1000", "--override-config"], tmp_path)
+    assert_one_clear_error(r, "round 00 03_filter failed: TooFewKept", "filter starvation", "min_train=1000",
+                           "round 00 02_generate: the config changed (min_train: 1 -> 1000): running it again")
     assert not R.is_done(run, 0, "03_filter") and not (run / "round_00" / "adapter").exists()
     assert temp_leftovers(run) == []
 
@@ -1055,12 +1080,112 @@ def test_coherence_floor_stops_the_loop_and_records_why(tmp_path, reference):
     assert r.returncode == 0 and "stopp" in r.stderr and not (run / "round_01").exists()
 
 
+def _ran(stderr: str) -> list[str]:
+    """The stages a run executed, from its progress lines."""
+    return re.findall(r"\] (0\d_\w+) \.\.\.", stderr)
+
+
+def _copy_run(ref: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(ref, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+# (file in round_00, damage, the stage that wrote it, what the run says, the stages it runs again)
+DAMAGE = [
+    ("vector.safetensors", "delete", "01_vector", "is missing", ["01_vector"]),
+    # 02 again gives the same rows but new timings in generate.json, which 05 reads: 05 runs again too
+    ("generate.json", "delete", "02_generate", "is missing", ["02_generate", "05_eval"]),
+    ("completions.jsonl", "cut", "03_filter", "changed since 03_filter wrote it", ["03_filter"]),
+    ("filter.json", "corrupt", "03_filter", "changed since 03_filter wrote it", ["03_filter"]),
+    ("adapter/adapter_model.safetensors", "cut", "04_heal", "changed since 04_heal wrote it", ["04_heal"]),
+    ("eval.json", "delete", "05_eval", "is missing", ["05_eval"]),
+]
+
+
 @pytest.mark.slow
-def test_truncated_adapter_of_an_earlier_round_names_the_file(tmp_path, reference):
-    run = copy_until(reference, tmp_path / "run", "05_eval")
-    f = run / "round_00" / "adapter" / "adapter_model.safetensors"
-    f.write_bytes(f.read_bytes()[:-100])
+@pytest.mark.parametrize("name, how, stage, why, redone", DAMAGE, ids=[d[0].split("/")[-1] for d in DAMAGE])
+def test_a_damaged_artifact_is_named_and_its_stage_redone(tmp_path, reference, name, how, stage, why, redone):
+    """Before: exit 0 with changed or missing numbers (eval.json deleted: 7 metrics rows became 2;
+    completions cut: n_generated / n_kept changed; ...). Now: `report` names the file and the stage
+    and exits 1; `run` says so, redoes the stage, and ends with the reference's files and metrics."""
+    run = _copy_run(reference, tmp_path / "run")
+    f = run / "round_00" / name
+    if how == "delete":
+        f.unlink()
+    elif how == "cut":
+        lines = f.read_bytes().splitlines(keepends=True)
+        f.write_bytes(b"".join(lines[: len(lines) // 2]) if len(lines) > 2 else f.read_bytes()[:-100])
+    else:
+        f.write_bytes(f.read_bytes()[:-20])
+    said = f"round 00 {stage}: round_00/{name} {why}"
+    if stage in ("04_heal", "05_eval"):
+        r = run_cli(["report", str(run)], tmp_path)
+        assert_one_clear_error(r, f"run folder error: {said}", "left out of the report")
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{said}: running it again" in r.stderr and _ran(r.stderr) == redone, r.stderr[-3000:]
+    assert f.read_bytes() == (reference / "round_00" / name).read_bytes() or name.endswith(".json")
+    assert metrics(run) == metrics(reference)
+    assert markers.Checker(run).round_holds(0)
+
+
+@pytest.mark.slow
+def test_a_round_that_no_longer_holds_is_left_out_of_metrics_and_the_report(tmp_path, reference):
+    """Before: remove round 0's 04 marker, re-run with --rounds 1 --set lr=1e-2 --override-config:
+    metrics.csv and the report kept round 1's rows from the old adapter (exit 0)."""
+    run = _copy_run(reference, tmp_path / "run")
     r = run_cli(["run", "--preset", "tiny", "--rounds", "2", "--run-dir", str(run)], tmp_path)
-    assert_one_clear_error(r, "round 01 01_vector failed: RunFolderError", f"corrupted adapter file {f}",
-                           str(R.marker_path(run, 0, "04_heal")))
-    assert all(R.is_done(run, 0, s) for s in R.STAGES) and not any(R.is_done(run, 1, s) for s in R.STAGES)
+    assert r.returncode == 0 and _ran(r.stderr) == list(R.STAGES), r.stderr[-3000:]
+    assert {m["round"] for m in metrics(run)} == {"0", "1"}
+    R.clear_done(run, 0, "04_heal")
+    r = run_cli([*TINY, "--run-dir", str(run), "--set", "lr=1e-2", "--override-config"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config changed from round 00 on (lr: 0.0001 -> 0.01)" in r.stderr and _ran(r.stderr) == ["04_heal", "05_eval"]
+    assert "round 01 is left out of metrics.csv and the report: round 01 01_vector: round_00/adapter" in r.stderr
+    rows = metrics(run)
+    assert {m["round"] for m in rows} == {"0"} and rows != metrics(reference)  # round 0 healed with the new lr
+    hist = R.read_config_history(run)
+    assert (hist[-1]["from_round"], hist[-1]["changes"]) == (0, ["lr: 0.0001 -> 0.01"])
+    r = run_cli(["report", str(run)], tmp_path)
+    assert_one_clear_error(r, "run folder error: round 01 01_vector: round_00/adapter/adapter_model.safetensors "
+                              "changed since 01_vector read it", "--rounds 2")
+    assert {m["round"] for m in metrics(run)} == {"0"}
+
+
+@pytest.mark.slow
+def test_rerunning_02_by_hand_in_a_finished_run_touches_nothing_of_the_run(tmp_path, reference, monkeypatch):
+    """The hazard: 02_generate run by hand (papermill standing in for JupyterLab) on a finished run
+    folder rewrote completions.jsonl, stripped 03's scores and kept every marker. Now it writes to
+    round_00/explore/; with the same seeds it reproduces the driver's rows byte for byte (hand runs
+    are seeded like driver runs); replace=True rewrites the journal's copy and records it."""
+    import papermill as pm
+
+    from steerheal_utils.driver import kernel_name
+
+    run = _copy_run(reference, tmp_path / "run")
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    kernel = kernel_name()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    nb = str(REPO / "notebooks" / "02_generate.ipynb")
+    for extra in ({}, {"calib_target": 0.5}):  # as it is, and with a changed parameter
+        pm.execute_notebook(nb, str(tmp_path / "hand.ipynb"), kernel_name=kernel, progress_bar=False,
+                            parameters={"run_dir": str(run), "round": 0, **extra})
+        assert all(p.read_bytes() == b for p, b in before.items()), "the hand run wrote into the journal"
+    explored = sorted((run / "round_00" / "explore").iterdir())
+    assert len(explored) == 2
+    same = [d for d in explored if json.loads((d / "explore.json").read_text())["overrides"] == {}][0]
+    assert (same / "generated.jsonl").read_bytes() == (run / "round_00" / "generated.jsonl").read_bytes()
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)
+    assert r.returncode == 0 and _ran(r.stderr) == [], r.stderr[-3000:]
+    assert metrics(run) == metrics(reference)
+    pm.execute_notebook(nb, str(tmp_path / "replace.ipynb"), kernel_name=kernel, progress_bar=False,
+                        parameters={"run_dir": str(run), "round": 0, "replace": True})
+    rec = json.loads(R.marker_path(run, 0, "02_generate").read_text())
+    assert rec["by"] == "hand (replace=True)" and rec["finished"] > json.loads(before[R.marker_path(run, 0, "02_generate")])["finished"]
+    assert (run / "round_00" / "generated.jsonl").read_bytes() == before[run / "round_00" / "generated.jsonl"]
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)  # same rows: only 05 (reads 02's timings) runs again
+    assert r.returncode == 0 and _ran(r.stderr) == ["05_eval"], r.stderr[-3000:]
+    assert metrics(run) == metrics(reference)
