@@ -146,7 +146,11 @@ def kernel_name() -> str:
             # A fixed hash seed: set and dict-of-str iteration orders are then the same in
             # every kernel, so a resumed run repeats exactly what an uninterrupted one does.
             "env": {"PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": "0"}}
-    if not spec.exists() or json.loads(spec.read_text()) != want:
+    try:
+        same = json.loads(spec.read_text()) == want
+    except (OSError, ValueError):  # missing, or damaged: written again
+        same = False
+    if not same:
         atomic_write_json(spec, want)
     paths = os.environ.get("JUPYTER_PATH", "")
     if str(base) not in paths.split(os.pathsep):
