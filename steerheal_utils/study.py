@@ -131,7 +131,7 @@ def shared_files(src_round: Path) -> list[Path]:
     stage starts, so 01-03's files are exactly those no newer than ``.done/03_filter.json``
     (04/05 never rewrite them). Hidden temporary leftovers are skipped.
     """
-    marker = src_round / ".done" / f"{SHARED_STAGES[-1]}.json"
+    marker = contract.marker_path(src_round.parent, 0, SHARED_STAGES[-1])
     if not marker.exists():
         raise StudyError(f"{marker} is missing: round 0's {SHARED_STAGES[-1]} has not finished in {src_round.parent}")
     limit = marker.stat().st_mtime_ns
@@ -140,7 +140,7 @@ def shared_files(src_round: Path) -> list[Path]:
         rel = p.relative_to(src_round)
         if not p.is_file() or p.name.endswith(".tmp"):
             continue
-        if rel.parts[0] == ".done":
+        if rel.parts[0] == contract.MARKER_DIR:
             if p.stem in SHARED_STAGES:
                 out.append(rel)
         elif p.stat().st_mtime_ns <= limit:
@@ -157,10 +157,10 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
     ``dst_run/shared_from.json``.
     """
     src_run, dst_run = Path(src_run), Path(dst_run)
-    dst_round = dst_run / "round_00"
-    if (dst_round / ".done" / f"{SHARED_STAGES[-1]}.json").exists():
+    dst_round = contract.round_dir(dst_run, 0)
+    if contract.marker_path(dst_run, 0, SHARED_STAGES[-1]).exists():
         return None
-    src_round = src_run / "round_00"
+    src_round = contract.round_dir(src_run, 0)
     files = shared_files(src_round)
     with run_lock(dst_run):
         scratch = dst_run / ".round_00.share.tmp"
@@ -169,7 +169,7 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
             (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_round / rel, scratch / rel)  # copy2 keeps mtimes: the 03-marker rule still holds
         if dst_round.exists():
-            late = [s for s in STAGES[3:] if (dst_round / ".done" / f"{s}.json").exists()]
+            late = [s for s in STAGES[3:] if contract.marker_path(dst_run, 0, s).exists()]
             if late:
                 raise StudyError(f"{dst_round} has {late} done but not {SHARED_STAGES[-1]}: inconsistent, remove it")
             shutil.rmtree(dst_round)
@@ -177,7 +177,7 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
         rec = {"source": str(src_run.resolve()), "round": 0, "stages": list(SHARED_STAGES),
                "copied": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "files": {str(rel): sha256(dst_round / rel) for rel in files}}
-        atomic_write_json(dst_run / "shared_from.json", rec)
+        atomic_write_json(contract.run_path(dst_run, "shared_from"), rec)
     return rec
 
 
@@ -190,11 +190,9 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
     vector, dose, active adapters) matches what it would compute, so a copy can save work but
     never change a result. Returns the stage names copied; records them in ``shared_from.json``.
     """
-    from .evaluate import EVAL_STAGE_DIR
-
-    src = Path(src_run) / "round_00" / EVAL_STAGE_DIR
-    dst = Path(dst_run) / "round_00" / EVAL_STAGE_DIR
-    if (Path(dst_run) / "round_00" / ".done" / f"{STAGES[-1]}.json").exists() or not src.is_dir():
+    src = contract.path(src_run, 0, "eval_cache")
+    dst = contract.path(dst_run, 0, "eval_cache")
+    if contract.marker_path(dst_run, 0, STAGES[-1]).exists() or not src.is_dir():
         return []
     copied = []
     for name in (*CONTROL_STAGES, "steered"):
@@ -203,7 +201,7 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
             dst.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(dst / f.name, f.read_bytes())
             copied.append(name)
-    rec_path = Path(dst_run) / "shared_from.json"
+    rec_path = contract.run_path(dst_run, "shared_from")
     if copied and rec_path.exists():
         rec = read_json(rec_path)
         rec["eval_stages"] = sorted(set(rec.get("eval_stages", [])) | set(copied))
@@ -575,12 +573,13 @@ def run_timings(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]
             run = Path(study_dir) / run_name(arm, seed)
             if not run.exists():
                 continue
-            shared = read_json(run / "shared_from.json")["stages"] if (run / "shared_from.json").exists() else []
+            shared_path = contract.run_path(run, "shared_from")
+            shared = read_json(shared_path)["stages"] if shared_path.exists() else []
             per_round, own, span = {}, 0.0, []
             for d in sorted(run.glob("round_[0-9][0-9]")):
                 r = int(d.name[-2:])
                 secs = {}
-                for m in sorted((d / ".done").glob("*.json")):
+                for m in sorted((d / contract.MARKER_DIR).glob("*.json")):
                     rec = read_json(m)
                     s = rec.get("seconds")
                     secs[m.stem] = s
@@ -593,7 +592,8 @@ def run_timings(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]
             runs[run.name] = {"stage_seconds": per_round, "shared_round0_stages": shared, "seconds_own": round(own, 1),
                               "stage_spans": span,
                               "error": read_json(err).get("error") if err.exists() else None,
-                              "stop": read_json(run / "stop.json") if (run / "stop.json").exists() else None}
+                              "stop": read_json(contract.run_path(run, "stop"))
+                              if contract.run_path(run, "stop").exists() else None}
     return runs
 
 
