@@ -332,10 +332,12 @@ def resolve_path(key: str, value: str) -> str:
         >>> resolve_path("model", "tiny:llama"), resolve_path("vignettes", "/data/v.jsonl")
         ('tiny:llama', '/data/v.jsonl')
     """
+    from .embedded import NAME as EMBEDDED
+
     p = Path(value).expanduser()
     if key == "model":
         looks_local = p.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or p.exists()
-        if value.startswith("tiny:") or value == "smollm2-135m-instruct" or not looks_local:
+        if value.startswith("tiny:") or value == EMBEDDED or not looks_local:
             return value
     return os.path.abspath(p)
 
