@@ -432,6 +432,17 @@ def test_legacy_markers_hold_and_are_adopted_not_trusted_blindly(tmp_path):
         markers.adopt(run, 1, "04_heal", cfg)
 
 
+def test_the_eval_being_run_draws_its_own_round_before_it_is_sealed(tmp_path):
+    """05's notebook plots the trajectory so far, its own round included, before the driver seals it."""
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 1, "05_eval")
+    assert markers.rounds_that_hold(run) == [0]
+    stage.open_stage("05_eval", {"run_dir": str(run), "round": 1})
+    assert markers.rounds_that_hold(run) == [0, 1]
+    stage.open_stage("04_heal", {"run_dir": str(run), "round": 1})  # any other step: only what holds
+    assert markers.rounds_that_hold(run) == [0]
+
+
 def test_seal_refuses_a_missing_output_or_an_input_changed_meanwhile(tmp_path):
     run, cfg = _run_of_two_rounds(tmp_path)
     before = markers.input_snapshot(run, 0, "04_heal", cfg)
