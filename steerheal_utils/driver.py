@@ -353,16 +353,16 @@ def _loop(run_dir: Path, rounds: int, stages: tuple[str, ...]) -> None:
 
 
 def left_out(run_dir: Path, chk: markers.Checker | None = None) -> list[markers.Status]:
-    """Say which rounds with records are left out of metrics.csv and the report, and why."""
+    """Say which rounds are left out of metrics.csv and the report because a record of theirs
+    no longer holds (a round merely not finished yet is not mentioned)."""
     chk = chk or markers.Checker(run_dir)
     out = []
     for r in chk.rounds():
-        st = chk.status(r, "05_eval")
-        if st.holds or st.state == "missing" and not any(contract.marker_path(run_dir, r, s).exists() for s in STAGES):
+        if chk.status(r, "05_eval").holds:
             continue
-        first = next((chk.status(r, s) for s in STAGES if not chk.status(r, s).holds), st)
-        why = first.reason if first.state != "missing" else f"{first.stage} has not run"
-        _say(f"round {r:02d} is left out of metrics.csv and the report: {first.label}: {why} "
-             f"(`--rounds {r + 1}` redoes it)")
-        out.append(first)
+        bad = next((st for st in (chk.status(r, s) for s in STAGES) if st.state in ("broken", "stale")), None)
+        if bad is not None:
+            _say(f"round {r:02d} is left out of metrics.csv and the report: {bad.label}: {bad.reason} "
+                 f"(`--rounds {r + 1}` redoes it)")
+            out.append(bad)
     return out

@@ -924,7 +924,7 @@ from steerheal_utils import stage
 ctx = stage.open_stage("01_vector", globals())
 if Path({slow!r}).exists():
     time.sleep(120)
-""" + FAKE_OUTPUTS
+"""
 
 
 def test_ctrl_c_prints_one_message_and_the_same_command_resumes(tmp_path):
@@ -932,7 +932,7 @@ def test_ctrl_c_prints_one_message_and_the_same_command_resumes(tmp_path):
     d.mkdir()
     slow = tmp_path / "slow"
     slow.write_text("1")
-    write_nb(d / "01_vector.ipynb", INTERRUPTIBLE_STAGE.format(slow=str(slow)))
+    write_nb(d / "01_vector.ipynb", INTERRUPTIBLE_STAGE.format(slow=str(slow)) + FAKE_OUTPUTS)
     run = tmp_path / "run"
     args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
     # its own session: a terminal's Ctrl-C reaches the whole foreground process group
@@ -962,7 +962,7 @@ SLOW_STAGE = """
 import time
 from steerheal_utils import runfolder, stage
 ctx = stage.open_stage("01_vector", globals())
-time.sleep(6)
+time.sleep(20)  # long enough for a third command to start on a loaded machine
 runfolder.atomic_write_text(ctx.path("done.txt"), str(ctx.run_dir))
 """ + FAKE_OUTPUTS
 
