@@ -900,7 +900,7 @@ def reason_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
 
 
 def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """03_filter: score every completion of the round, decide keep/drop, write them back.
+    """03_filter: score every completion of the round, decide keep/drop, write the scored rows.
 
     Args:
         ctx: the stage context (thresholds come from ``ctx.cfg``, same names as FilterThresholds).
@@ -908,13 +908,13 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
             what the untouched model finds natural.
         tok: its tokenizer.
 
-    Reads 02's ``generated.jsonl`` and writes ``completions.jsonl``: the same rows with every score, ``reason`` and ``keep`` added (the rows
-    with ``keep`` true are what 04_heal trains on) and writes ``filter.json``: counts per
+    Reads 02's ``generated.jsonl`` and writes ``completions.jsonl``: the same rows with every
+    score, ``reason`` and ``keep`` added (the rows with ``keep`` true are what 04_heal trains
+    on), and ``filter.json``: counts per
     reason, the thresholds, and precision/recall of the same filter on the shipped labelled
     set (NaN written as null). Returns ``(scored rows, summary + "labelled_rows")``. Call
     :func:`require_min_train` afterwards to stop a round with too few rows kept.
     """
-    import json
     import time
 
     from .models import render_prompt

@@ -47,7 +47,7 @@ import torch
 
 from . import config as C
 from . import contract
-from .runfolder import RunFolderError, round_dir, safe_child
+from .runfolder import round_dir, safe_child
 
 NOTEBOOK_PARAMS = ("run_dir", "round", "preset", "replace")
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
