@@ -145,6 +145,12 @@ def test_stages_use_only_the_artifacts_and_config_keys_they_declare(tmp_path, mo
                 if "parameters" in cell.get("metadata", {}).get("tags", []):
                     src = f"run_dir = {str(run)!r}\nround = {rnd}"
                 exec(compile(src, f"{name}.ipynb", "exec"), ns)
+    from steerheal_utils.filter import FilterThresholds
+
+    # the recorder saw the uses that make each step's hidden edges (not an empty set by accident)
+    thresholds = {f.name for f in dataclasses.fields(FilterThresholds)}
+    assert seen["02_generate"] & thresholds and seen["04_heal"] & thresholds  # 02 and 04's Q1 filter
+    assert {"lr", "kl_agg", "temperature"} <= seen["04_heal"] and {"eval_layout", "coh_floor"} <= seen["05_eval"]
     for name in contract.STAGES:
         extra = seen[name] - set(contract.config_keys(name))
         assert not extra, f"{name} reads config keys its contract entry does not declare: {sorted(extra)}"
