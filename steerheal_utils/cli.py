@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from . import config as C
@@ -64,12 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    ("report", "report", "write report.html and trajectory.png for a run folder"),
                                    ("bench", "bench", "time each stage against its naive reference"),
                                    ("study", "study", "run the matched-controls study and regenerate its outputs")):
-        if importlib.util.find_spec(f"steerheal_utils.{module}") is None:
-            continue  # that stage's module is not written yet
         mod = importlib.import_module(f"steerheal_utils.{module}")
         sp = sub.add_parser(name, help=helptext)
         mod.add_cli(sp)  # each module declares its arguments and sets func
+        if name == "report":
+            sp.set_defaults(func=_checked(sp.get_default("func")))
     return p
+
+
+def _checked(report_func):
+    """``report``, then one error line per step record of the folder that does not hold (its round is
+    left out of the report): exit 1 when there is one."""
+
+    def run(args) -> int:
+        from pathlib import Path
+
+        from .markers import Checker
+
+        run_dir = Path(args.run_dir)
+        code = report_func(args)
+        problems = Checker(run_dir).problems() if run_dir.is_dir() else []
+        for p in problems:
+            print(f"run folder error: {p.label}: {p.reason}; round {p.round:02d} is left out of the report. "
+                  f"`steerheal run --run-dir {Path(args.run_dir)} --rounds {p.round + 1}` redoes it "
+                  "(with the run's --preset/--config)", file=sys.stderr)
+        return code or (1 if problems else 0)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -261,10 +263,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             try:
-                return float(value)
+                value = float(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-        return float(value)
+        value = float(value)
+        if not math.isfinite(value):  # NaN passes every range check (all comparisons are false)
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -295,6 +300,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
 
 def unknown_key_error(key: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(Config)]
+    key = str(key)
     close = difflib.get_close_matches(key, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else " See `steerheal config` for every key."
     return ConfigError(f"unknown config key {key!r}.{hint}")
@@ -311,6 +317,9 @@ def validate(values: dict[str, Any]) -> Config:
         v = _coerce(key, value, hints[key])
         _check_value(fields[key], v)
         clean[key] = v
+    for key in PATH_KEYS:
+        if clean.get(key):
+            clean[key] = resolve_path(key, clean[key])
     cfg = Config(**clean)
     if cfg.layer_lo > cfg.layer_hi:
         raise ConfigError(f"layer_lo ({cfg.layer_lo}) must not exceed layer_hi ({cfg.layer_hi})")
@@ -322,6 +331,36 @@ def validate(values: dict[str, Any]) -> Config:
     if bad_controls:
         raise ConfigError(f"controls: {sorted(bad_controls)} not among prompted, random")
     return cfg
+
+
+PATH_KEYS = ("model", "vignettes")  # values that may name a local file or folder
+
+
+def resolve_path(key: str, value: str) -> str:
+    """A local path made absolute against the caller's working directory, once, when the config is
+    built (every stage then sees the same file, whatever its own working directory is).
+
+    ``model`` stays as given when it is not a local path: ``tiny:<arch>``, the embedded name, or
+    an HF id (``org/name``) that is not an existing folder here.
+
+    Example:
+        >>> resolve_path("model", "tiny:llama"), resolve_path("vignettes", "/data/v.jsonl")
+        ('tiny:llama', '/data/v.jsonl')
+    """
+    from .embedded import NAME as EMBEDDED
+
+    p = Path(value).expanduser()
+    if key == "model":
+        looks_local = p.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or p.exists()
+        if value.startswith("tiny:") or value == EMBEDDED or not looks_local:
+            return value
+    return os.path.abspath(p)
+
+
+def check_files(cfg: Config) -> None:
+    """Raise ConfigError when a file the config names is not there (checked before a run starts)."""
+    if cfg.vignettes and not Path(cfg.vignettes).is_file():
+        raise ConfigError(f"vignettes: no such file {cfg.vignettes}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -364,12 +403,24 @@ def load_config(path: Path) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no config at {path}: start the run with `steerheal run --run-dir {path.parent}`")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{path} is not valid YAML: {first}") from None
+    if doc is None:
+        raise ConfigError(f"{path} is empty: a config file maps keys to values (`steerheal config --preset tiny` "
+                          "prints one); a run folder also keeps every config it used in config_history.jsonl")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} holds a {type(doc).__name__} ({str(doc)[:60]!r}), not a mapping of config "
+                          "keys to values (`steerheal config --preset tiny` prints one)")
     doc.pop("_meta", None)
-    return validate(doc)
+    try:
+        return validate(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def config_diff(a: Config, b: Config) -> list[str]:

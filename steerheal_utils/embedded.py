@@ -59,11 +59,17 @@ def sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    """Exclusive advisory lock; the kernel releases it if the holder dies."""
+def file_lock(path: Path, waiting: str | None = None):
+    """Exclusive advisory lock; the kernel releases it if the holder dies. ``waiting`` is printed
+    (to stderr) when another process holds it, before waiting for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -167,7 +173,8 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     """
     out = model_dir()
     if not (out / READY).exists():
-        with file_lock(out.parent / f".{NAME}.lock"):
+        wait = f"[steerheal] waiting for another process to finish converting the embedded model into {out} ..."
+        with file_lock(out.parent / f".{NAME}.lock", waiting=wait):
             if not (out / READY).exists():  # nobody finished while we waited
                 _convert_locked(out, progress)
     if not _read_ready(out):  # converted before READY listed hashes: record them now (under the lock)

@@ -55,6 +55,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import contract
 from .models import (encode, left_pad, length_sorted_batches, model_device, persona_system, prompt_ids,
                      render_prompt)
 
@@ -545,7 +546,7 @@ def stage_dose(ctx) -> float | None:
     """The dose 02 calibrated this round (round_NN/generate.json "dose"), else cfg.dose; None if 02 has not run."""
     from .runfolder import read_json
 
-    p = ctx.path("generate.json")
+    p = ctx.artifact("generate_summary")
     if p.exists():
         dose = read_json(p, "02_generate record").get("dose")
         if dose is not None:
@@ -560,7 +561,7 @@ def _has_adapter(d: Path) -> bool:
     return (d / "adapter_config.json").exists() and (d / "adapter_model.safetensors").exists()
 
 
-EVAL_STAGE_DIR = "eval_stages"  # round_NN/eval_stages/<stage>.json: one finished model's result
+EVAL_STAGE_DIR = contract.artifact("eval_cache").file  # round_NN/eval_stages/<stage>.json: one finished model's result
 
 
 def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vector: Path | None,
@@ -611,14 +612,14 @@ def run_stage(ctx, progress: bool = True) -> dict:
     fingerprint matches is read back instead of recomputed (noted in ``notes``).
     """
     from . import controls, models
-    from .runfolder import atomic_write_json, atomic_write_jsonl, round_dir
+    from .runfolder import atomic_write_json, atomic_write_jsonl
     from .vector import SteeringVector, check_vector_matches, steer
 
     cfg, r = ctx.cfg, ctx.round
     notes: list[str] = []
     base, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     dirs = models.adapter_dirs(ctx.run_dir, r)
-    own = ctx.path("adapter")
+    own = ctx.artifact("adapter")
     healed_ok = _has_adapter(own)
     if not healed_ok:
         notes.append(f"no adapter at {own} yet (04_heal has not run): 'healed' skipped")
@@ -631,7 +632,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
               think_batch_size=cfg.gen_batch_size)
 
     sv = None
-    vec_path = ctx.path("vector.safetensors")
+    vec_path = ctx.artifact("vector")
     if vec_path.exists():
         sv = SteeringVector.load(vec_path)
         check_vector_matches(sv, model)
@@ -665,7 +666,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
     for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
         # a control's fingerprint holds the persona's dose: its matched dose is derived from it (and the vector)
         fp = stage_fingerprint(cfg, ctx.seed, name, stack[:k], vec_path if vec is not None else None, dose, system)
-        saved_at = ctx.path(f"{EVAL_STAGE_DIR}/{name}.json")
+        saved_at = ctx.artifact("eval_cache") / f"{name}.json"
         res = _cached_stage(saved_at, fp)
         if res is not None:
             notes.append(f"{name}: read from {EVAL_STAGE_DIR}/{name}.json (same fingerprint: same inputs), not recomputed")
@@ -674,7 +675,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
             if controls.is_control_name(name):
                 with active_adapters(model, k):
                     matches = matches or controls.band_matches(
-                        ctx.path(f"{EVAL_STAGE_DIR}/control_match.json"),
+                        ctx.artifact("eval_cache") / "control_match.json",
                         stage_fingerprint(cfg, ctx.seed, "control_match", stack[:k], vec_path, dose, None),
                         lambda: controls.KLMatcher(
                             model, tok, sv, dose, controls.kl_prompts(tok, cfg.control_kl_prompts), tol=cfg.control_kl_tol,
@@ -709,26 +710,27 @@ def run_stage(ctx, progress: bool = True) -> dict:
         with active_adapters(model, 0):
             out["heldout"] = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)[0]
     if sv is not None:
-        first = round_dir(ctx.run_dir, 0) / "vector.safetensors"
+        first = ctx.artifact("vector", 0)
         cos = sv.cosine(SteeringVector.load(first)) if r > 0 and first.exists() else {layer: 1.0 for layer in sv.layers}
         out["vector_cosine_to_round0"] = sum(cos.values()) / max(len(cos), 1)
         out["vector_cosine_per_layer"] = {str(k): v for k, v in cos.items()}
     if healed_ok and stages["healed"]["coherence"] < cfg.coh_floor:
         out["stop"] = {"reason": f"healed coherence {stages['healed']['coherence']:.4f} is below coh_floor {cfg.coh_floor}"}
-    atomic_write_jsonl(ctx.path("eval_rows.jsonl"), all_rows)
-    atomic_write_json(ctx.path("eval.json"), out)
+    atomic_write_jsonl(ctx.artifact("eval_rows"), all_rows)
+    atomic_write_json(ctx.artifact("eval"), out)
     return out
 
 
 def _round0_base(run_dir: Path) -> tuple[dict, list[dict]] | None:
     """Round 0's base summary and per-row records (eval.json + eval_rows.jsonl), or None if absent."""
-    from .runfolder import read_json, read_jsonl, round_dir
+    from . import contract
+    from .runfolder import read_json, read_jsonl
 
-    d = round_dir(run_dir, 0)
-    if not (d / "eval.json").exists() or not (d / "eval_rows.jsonl").exists():
+    ev, ev_rows = contract.path(run_dir, 0, "eval"), contract.path(run_dir, 0, "eval_rows")
+    if not ev.exists() or not ev_rows.exists():
         return None
-    base = read_json(d / "eval.json", "round 0 eval record").get("stages", {}).get("base")
-    rows = [r for r in read_jsonl(d / "eval_rows.jsonl", "round 0 eval rows") if r.get("stage") == "base"]
+    base = read_json(ev, "round 0 eval record").get("stages", {}).get("base")
+    rows = [r for r in read_jsonl(ev_rows, "round 0 eval rows") if r.get("stage") == "base"]
     return (base, rows) if base and rows else None
 
 

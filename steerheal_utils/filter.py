@@ -913,7 +913,7 @@ def reason_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
 
 
 def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """03_filter: score every completion of the round, decide keep/drop, write them back.
+    """03_filter: score every completion of the round, decide keep/drop, write the scored rows.
 
     Args:
         ctx: the stage context (thresholds come from ``ctx.cfg``, same names as FilterThresholds).
@@ -921,32 +921,32 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
             what the untouched model finds natural.
         tok: its tokenizer.
 
-    Rewrites ``completions.jsonl`` with every score, ``reason`` and ``keep`` added (the rows
-    with ``keep`` true are what 04_heal trains on) and writes ``filter.json``: counts per
+    Reads 02's ``generated.jsonl`` and writes ``completions.jsonl``: the same rows with every
+    score, ``reason`` and ``keep`` added (the rows with ``keep`` true are what 04_heal trains
+    on), and ``filter.json``: counts per
     reason, the thresholds, and precision/recall of the same filter on the shipped labelled
     set (NaN written as null). Returns ``(scored rows, summary + "labelled_rows")``. Call
     :func:`require_min_train` afterwards to stop a round with too few rows kept.
     """
-    import json
     import time
 
     from .models import render_prompt
-    from .runfolder import atomic_write_json, atomic_write_jsonl, read_jsonl
+    from .runfolder import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
     cfg = ctx.cfg
     t0 = time.time()
     th = FilterThresholds.from_config(cfg)
-    rows = read_jsonl(ctx.path("completions.jsonl"), "completions (run 02_generate first)")
+    rows = read_jsonl(ctx.artifact("generated"), "completions (run 02_generate first)")
     if not rows:
-        raise TooFewKept(f"{ctx.path('completions.jsonl')} has no rows: 02_generate produced nothing")
+        raise TooFewKept(f"{ctx.artifact('generated')} has no rows: 02_generate produced nothing")
     kw = dict(persona_pos=cfg.pos_persona, persona_neg=cfg.neg_persona, batch_size=cfg.batch_size)
     scored = filter_rows(rows, th, model=model, tokenizer=tok, prompts=[r["prompt_text"] for r in rows], **kw)
-    atomic_write_jsonl(ctx.path("completions.jsonl"), scored)
+    atomic_write_jsonl(ctx.artifact("completions"), scored)
     t1 = time.time()
     # The base model and the thresholds do not change between rounds, so neither does the
     # labelled-set result: round 0's is reused when its thresholds match.
-    first = ctx.run_dir / "round_00" / "filter.json"
-    cached = json.loads(first.read_text()) if ctx.round > 0 and first.exists() else None
+    first = ctx.artifact("filter_summary", 0)
+    cached = read_json(first, "round 0's filter summary") if ctx.round > 0 and first.exists() else None
     if cached and cached.get("thresholds") == _finite_or_none(dataclasses.asdict(th)) and cached.get("labelled"):
         pr, lab_scored = cached["labelled"], []
     else:
@@ -959,7 +959,7 @@ def run_stage(ctx: Any, model: Any, tok: Any) -> tuple[list[dict[str, Any]], dic
         "reasons": reason_counts(scored), "min_train": cfg.min_train, "thresholds": dataclasses.asdict(th),
         "labelled": pr, "seconds": {"completions": round(t1 - t0, 2), "labelled": round(time.time() - t1, 2)},
     }
-    atomic_write_json(ctx.path("filter.json"), _finite_or_none(summary))
+    atomic_write_json(ctx.artifact("filter_summary"), _finite_or_none(summary))
     return scored, {**summary, "labelled_rows": lab_scored}
 
 

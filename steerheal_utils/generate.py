@@ -23,7 +23,7 @@ Public API:
     calibrate_dose(generate_fn, judge_fn, ...) -> Calibration (dose, fitted keep curve, flags, rows at that dose)
     collect(generate_fn, judge_fn, ...)      -> rows until n_keep kept or the budget is spent
     run_stage(ctx, model, tok, base)         -> writes completions.jsonl, calibration.jsonl, generate.json
-    warn_dose(round_dir)                     -> prints generate.json's dose warning line, if any
+    warn_dose(run_dir, rnd)                  -> prints generate.json's dose warning line, if any
 """
 
 from __future__ import annotations
@@ -633,16 +633,16 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
         base: the base model for the filter's scores (unsteered; ``model`` itself in round 0).
         sv: the steering vector; default: this round's ``vector.safetensors``.
 
-    Writes ``completions.jsonl`` (rows at the chosen dose, :data:`ROW_KEYS`), ``calibration.jsonl``
+    Writes ``generated.jsonl`` (rows at the chosen dose, :data:`ROW_KEYS`), ``calibration.jsonl``
     (every probe row with its dose and reason) and ``generate.json`` (dose, its source, flags and
     warning line, the search's points and fit, counts per reason, timings, tokens/s). Returns the
     ``generate.json`` content.
     """
-    from .runfolder import RunFolderError, atomic_write_json, atomic_write_jsonl, read_json, round_dir
+    from .runfolder import RunFolderError, atomic_write_json, atomic_write_jsonl, read_json
     from .vector import check_vector_matches
 
     cfg = ctx.cfg
-    sv = sv or SteeringVector.load(ctx.path("vector.safetensors"))
+    sv = sv or SteeringVector.load(ctx.artifact("vector"))
     check_vector_matches(sv, model)
     base = model if base is None else base
     pool = load_prompts("dilemmas")
@@ -660,7 +660,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
         n_tok[phase] += sum(r["n_tokens"] + (not r["truncated"]) for r in rows)  # + the EOS step
         return [{**r, "pool_index": i, "prompt": pool[i]["text"]} for r, i in zip(rows, picks)]  # prompt: the off-topic gate
 
-    first = round_dir(ctx.run_dir, 0) / "generate.json"
+    first = ctx.artifact("generate_summary", 0)
     round0 = read_json(first, "round 0's 02_generate record") if ctx.round > 0 and first.exists() else None
     t0 = time.time()
     cal = None
@@ -686,8 +686,8 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
                    rows=start_rows)
     t_all = time.time() - t0
     done = _finish_rows(ctx, rows, pool)
-    atomic_write_jsonl(ctx.path("completions.jsonl"), done)
-    atomic_write_jsonl(ctx.path("calibration.jsonl"), [
+    atomic_write_jsonl(ctx.artifact("generated"), done)
+    atomic_write_jsonl(ctx.artifact("calibration"), [
         {"step": s, "prompt_id": pool[r["pool_index"]]["id"], "dose": r["dose"], "reason": r["reason"],
          "n_tokens": r["n_tokens"], "truncated": r["truncated"], "completion": r["completion"]}
         for s, p_rows in enumerate(cal.probes) for r in p_rows] if cal else [])
@@ -709,7 +709,7 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
         "tokens": dict(n_tok), "tokens_per_s": round(sum(n_tok.values()) / max(gen_s, 1e-9), 1),
     }
     summary["dose_warning"] = dose_warning(summary)
-    atomic_write_json(ctx.path("generate.json"), summary)
+    atomic_write_json(ctx.artifact("generate_summary"), summary)
     return summary
 
 
@@ -766,13 +766,14 @@ def dose_warning(summary: dict) -> str | None:
     return f"warning: round {summary['round']:02d} dose {summary['dose']:.3g} ({summary['dose_source']}): {what}{extra}"
 
 
-def warn_dose(round_dir: Path | str, file=None) -> str | None:
-    """Print round_NN/generate.json's dose warning (if any) to stderr; return it. For the driver."""
+def warn_dose(run_dir: Path | str, rnd: int, file=None) -> str | None:
+    """Print round ``rnd``'s dose warning (02's generate.json), if any, to stderr; return it. For the driver."""
     import sys
 
+    from . import contract
     from .runfolder import read_json
 
-    p = Path(round_dir) / "generate.json"
+    p = contract.path(run_dir, rnd, "generate_summary")
     if not p.exists():
         return None
     line = dose_warning(read_json(p, "02_generate record"))

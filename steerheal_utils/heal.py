@@ -621,15 +621,16 @@ def heal(model: nn.Module, tok, rows: Sequence[dict], cfg, rnd: int, out_dir: Pa
 
     Nothing is written when training raises (e.g. FloatingPointError on a NaN loss).
     """
+    from .contract import artifact
     from .runfolder import atomic_write_json, atomic_write_text
 
     out_dir = Path(out_dir)
     model, res = train(model, tok, rows, cfg, rnd, seed=seed, progress=progress)
-    save_adapter(model, res.new, out_dir / "adapter")
-    atomic_write_text(out_dir / "heal_steps.csv", steps_csv(res.steps))
+    save_adapter(model, res.new, out_dir / artifact("adapter").file)
+    atomic_write_text(out_dir / artifact("heal_steps").file, steps_csv(res.steps))
     last = res.steps[-1] if res.steps else {}
     first = res.steps[0] if res.steps else {}
-    atomic_write_json(out_dir / "heal.json", {
+    atomic_write_json(out_dir / artifact("heal_summary").file, {
         "round": rnd, "adapter": res.new, "baked": [f"r{i:02d}" for i in range(rnd)],
         "tau_used": res.tau, "tau_mode": cfg.tau_mode, "tau_info": res.tau_info, "lam_r": res.lam_r,
         "config": {k: getattr(cfg, k) for k in HEAL_KEYS},
@@ -650,10 +651,10 @@ def kept_rows(path: Path | str) -> list[dict]:
 
 def run_stage(ctx, model: nn.Module, tok) -> tuple[nn.Module, HealResult]:
     """04_heal: train this round's adapter on the kept completions and save it."""
-    rows = kept_rows(ctx.path("completions.jsonl"))
+    rows = kept_rows(ctx.artifact("completions"))
     if not rows:
-        raise ValueError(f"{ctx.path('completions.jsonl')} has no kept rows: nothing to heal on (see 03_filter)")
-    return heal(model, tok, rows, ctx.cfg, ctx.round, ctx.round_dir, seed=ctx.seed)
+        raise ValueError(f"{ctx.artifact('completions')} has no kept rows: nothing to heal on (see 03_filter)")
+    return heal(model, tok, rows, ctx.cfg, ctx.round, ctx.out_dir, seed=ctx.seed)
 
 
 # ------------------------------------------------------------------ Q1: can we heal?
@@ -720,7 +721,7 @@ def run_q1(ctx, model: nn.Module, tok, n_prompts: int | None = None) -> dict:
 
     cfg = ctx.cfg
     n = cfg.q1_prompts if n_prompts is None else n_prompts
-    kept = kept_rows(ctx.path("completions.jsonl"))
+    kept = kept_rows(ctx.artifact("completions"))
     seen, steered = set(), []
     for r in kept:  # one steered completion per prompt
         if r["prompt"] not in seen and len(steered) < n:
@@ -733,7 +734,7 @@ def run_q1(ctx, model: nn.Module, tok, n_prompts: int | None = None) -> dict:
             "healed_sampled": [dict(r, prompt=p) for p, r in zip(prompts, G.sample(
                 model, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **kw))]}
     res = {"round": ctx.round, "prompts": len(prompts), "sets": q1_scores(model, tok, sets, cfg)}
-    atomic_write_json(ctx.path("heal_q1.json"), res)
+    atomic_write_json(ctx.artifact("heal_q1"), res)
     return res
 
 

@@ -113,6 +113,13 @@ def _model_path(name: str) -> str:
     if is_local and not (Path(name).expanduser() / "config.json").exists():
         raise ModelLoadError(f"model {name!r}: the folder has no config.json, so it is not an HF model folder "
                              f"(save one with model.save_pretrained(folder)), or use the embedded default {embedded.NAME!r}.")
+    if is_local and not any(Path(name).expanduser().glob("*.safetensors")):
+        pickled = sorted(p.name for p in Path(name).expanduser().iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        why = f" (found {', '.join(pickled[:3])}: pickled weights can run code when loaded, so they are never loaded)" \
+            if pickled else ""
+        raise ModelLoadError(f"model {name!r}: the folder has no *.safetensors weights{why}. Save it with "
+                             "model.save_pretrained(folder, safe_serialization=True), or use the embedded default "
+                             f"{embedded.NAME!r}.")
     return str(Path(name).expanduser()) if is_local else name
 
 
@@ -161,7 +168,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)  # never a pickle (see _model_path)
     except Exception as e:  # OSError, ValueError, ImportError, safetensors' own errors on a corrupted file
         raise ModelLoadError(_explain_load_error(name, e)) from e
     if tok.pad_token_id is None:
@@ -330,11 +338,12 @@ def check_adapter_dir(d: Path | str) -> Path:
 
 def adapter_dirs(run_dir: Path | str, rnd: int) -> list[Path]:
     """Adapter folders of rounds ``0..rnd-1``, checked to exist, be complete and be finite."""
-    from .runfolder import RunFolderError, marker_path, round_dir
+    from .contract import path
+    from .runfolder import RunFolderError, marker_path
 
     out = []
     for i in range(rnd):
-        d = round_dir(run_dir, i) / "adapter"
+        d = path(run_dir, i, "adapter")
         redo = (f"delete {marker_path(run_dir, i, '04_heal')} and re-run the same command "
                 f"(round {i} is healed again, later rounds are redone)")
         if not d.is_dir():

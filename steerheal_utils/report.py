@@ -25,6 +25,8 @@ import json
 import math
 from pathlib import Path
 
+from . import contract
+from .markers import rounds_that_hold
 from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
 NATS = ("care_nats", "fairness_nats", "loyalty_nats", "auth_nats", "sanctity_nats", "liberty_nats", "social_nats")
@@ -56,19 +58,17 @@ def _family(stage: str) -> str:
 
 # ------------------------------------------------------------------ reading the run
 def load_evals(run_dir: Path | str) -> list[dict]:
-    """Every ``round_NN/eval.json`` of a run, in round order."""
+    """``round_NN/eval.json`` of every round whose step records hold, in round order."""
     out = []
-    for d in sorted(Path(run_dir).glob("round_[0-9][0-9]")):
-        p = d / "eval.json"
-        if p.exists():
-            ev = read_json(p, "eval record")
-            ev.setdefault("round", int(d.name[-2:]))
-            out.append(ev)
+    for rnd in rounds_that_hold(run_dir):  # a round whose records do not hold is left out (`run` says why)
+        ev = read_json(contract.path(run_dir, rnd, "eval"), "eval record")
+        ev.setdefault("round", rnd)
+        out.append(ev)
     return out
 
 
 def _kept_counts(run_dir: Path, rnd: int) -> tuple[int | None, int | None]:
-    p = Path(run_dir) / f"round_{rnd:02d}" / "completions.jsonl"
+    p = contract.path(run_dir, rnd, "completions")
     if not p.exists():
         return None, None
     rows = read_jsonl(p, "completions")
@@ -76,14 +76,13 @@ def _kept_counts(run_dir: Path, rnd: int) -> tuple[int | None, int | None]:
 
 
 def _generate_record(run_dir: Path, rnd: int) -> dict:
-    p = Path(run_dir) / f"round_{rnd:02d}" / "generate.json"
+    p = contract.path(run_dir, rnd, "generate_summary")
     return read_json(p, "02_generate record") if p.exists() else {}
 
 
 def dose_warnings(run_dir: Path | str) -> list[str]:
     """Every round's dose warning line (02's generate.json: a bound, below target, diverged...)."""
-    return [w for d in sorted(Path(run_dir).glob("round_[0-9][0-9]"))
-            if (w := _generate_record(Path(run_dir), int(d.name[-2:])).get("dose_warning"))]
+    return [w for ev in load_evals(run_dir) if (w := _generate_record(Path(run_dir), ev["round"]).get("dose_warning"))]
 
 
 def _stage_key(stage: str) -> tuple:
@@ -167,7 +166,7 @@ def write_metrics(run_dir: Path | str) -> Path:
     w.writeheader()
     for row in metric_rows(run_dir):
         w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
-    path = Path(run_dir) / "metrics.csv"
+    path = contract.run_path(run_dir, "metrics")
     atomic_write_text(path, buf.getvalue())
     return path
 
@@ -379,7 +378,8 @@ def write_report(run_dir: Path | str) -> Path:
     parts = [f"<h3>{html.escape(f.layout.title.text or '')}</h3>" + pio.to_html(f, include_plotlyjs=(i == 0), full_html=False)
              for i, f in enumerate(figs)]
     rows = metric_rows(run_dir)
-    cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else "(no config.yaml)"
+    cfg_path = contract.run_path(run_dir, "config")
+    cfg_text = cfg_path.read_text() if cfg_path.exists() else "(no config.yaml)"
     stops = [f"round {e['round']}: {e['stop'].get('reason')}" for e in load_evals(run_dir) if e.get("stop")]
     notes = [f"round {e['round']}: {n}" for e in load_evals(run_dir) for n in e.get("notes", [])]
     stop_html = ("<p class='stop'><b>The loop stopped.</b> " + "; ".join(html.escape(s) for s in stops) + "</p>") if stops \
@@ -403,7 +403,7 @@ specific to its direction only where it lies outside this band.</p>{_band_html(r
 <h2>Config</h2><pre>{html.escape(cfg_text)}</pre>
 </body></html>
 """
-    path = run_dir / "report.html"
+    path = contract.run_path(run_dir, "report")
     atomic_write_text(path, doc)
     write_png(run_dir, rows)
     return path
@@ -478,7 +478,7 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    path = Path(run_dir) / "trajectory.png"
+    path = contract.run_path(run_dir, "trajectory")
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -502,5 +502,6 @@ def _cli_report(args) -> int:
         return 1
     write_metrics(run_dir)
     path = write_report(run_dir)
-    print(json.dumps({"report": str(path), "metrics": str(run_dir / "metrics.csv"), "png": str(run_dir / "trajectory.png")}))
+    print(json.dumps({"report": str(path), "metrics": str(contract.run_path(run_dir, "metrics")),
+                      "png": str(contract.run_path(run_dir, "trajectory"))}))
     return 0

@@ -1,21 +1,19 @@
-"""The run folder contract, and writing it so that a crash never leaves half a file.
+"""Writing a run folder so that a crash never leaves half a file; its lock; its config history.
 
-Layout (other tools and tests read it)::
+What lives where is declared in :mod:`steerheal_utils.contract` (the run folder's layout is
+generated from it); what proves a step's files are the ones it wrote is in
+:mod:`steerheal_utils.markers`.
 
-    DIR/config.yaml                  resolved config + provenance (_meta)
-    DIR/metrics.csv                  one row per (round, stage), rebuilt from eval.json files
-    DIR/report.html, trajectory.png  the run report
-    DIR/round_NN/01_vector.ipynb ... executed stage notebooks (the lab journal)
-    DIR/round_NN/vector.safetensors  steering vector (one tensor per layer)
-    DIR/round_NN/completions.jsonl   generated rows with filter scores
-    DIR/round_NN/adapter/            peft LoRA adapter of this round
-    DIR/round_NN/eval.json           every eval of this round
-    DIR/round_NN/.done/<stage>.json  completion marker, written last
+Every artifact is written to a temporary name in the same folder and renamed into place
+(``os.replace`` is atomic on POSIX), so a reader sees the old file or the new one.
+A crash (even SIGKILL) can leave only hidden ``.<name>.shtmp-*.tmp`` leftovers, which the
+driver removes on the next start (:func:`clean_temp_files`, under the run folder's lock);
+nothing else is ever removed by it.
 
-Every artifact is written to a temporary name in the same folder and renamed into
-place (``os.replace`` is atomic on POSIX), so a reader sees the old file or the new one.
-A crash (even SIGKILL) can leave only hidden ``.<name>.*.tmp`` leftovers, which the driver
-removes on the next start (:func:`clean_temp_files`, under the run folder's lock).
+Config history: ``config.yaml`` holds the config the next step runs with;
+``config_history.jsonl`` holds every config the run has used, one JSON line each with the
+round it applies from (``--override-config`` appends; nothing is rewritten).
+:func:`round_config` gives the config in force for a round.
 """
 
 from __future__ import annotations
@@ -32,20 +30,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .contract import STAGES, marker_path, round_dir  # noqa: F401  (re-exported: the names callers know)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-STAGES = ("01_vector", "02_generate", "03_filter", "04_heal", "05_eval")
+TEMP_TAG = ".shtmp-"  # in every temporary name this module makes, and only those are ever cleaned
 
 
 class RunFolderError(RuntimeError):
     """A run folder that is missing, inconsistent or unsafe to write."""
-
-
-def round_dir(run_dir: Path | str, rnd: int) -> Path:
-    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0 or rnd > 99:
-        raise RunFolderError(f"round must be an integer in 0..99, got {rnd!r}")
-    return Path(run_dir) / f"round_{rnd:02d}"
 
 
 def safe_child(parent: Path | str, name: str | os.PathLike) -> Path:
@@ -82,7 +76,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_TAG}", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts are meant to be shared
@@ -136,7 +130,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_TAG}", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
     old = None
     try:
@@ -145,7 +139,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             # Two renames, not one: os.replace cannot replace a non-empty folder. A crash
             # between them leaves the old folder under a hidden .old name and no `path`;
             # the stage that owns `path` is then not marked done and runs again.
-            old = path.with_name(f".{path.name}.{os.getpid()}-{time.time_ns()}.old.tmp")
+            old = path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}-{time.time_ns()}.old.tmp")
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException as e:
@@ -160,8 +154,8 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-_REDO = ("To redo the stage that wrote it, delete that stage's marker (round_NN/.done/<stage>.json) "
-         "and re-run the same command: it and everything after it run again.")
+_REDO = ("Re-run the same `steerheal run` command: it finds the step whose file this is, says so and redoes it "
+         "(and every step built on it).")
 
 
 def read_json(path: Path | str, what: str | None = None) -> Any:
@@ -194,59 +188,15 @@ def read_jsonl(path: Path | str, what: str | None = None) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ stage markers
-def marker_path(run_dir: Path | str, rnd: int, stage: str) -> Path:
-    if stage not in STAGES:
-        raise RunFolderError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return round_dir(run_dir, rnd) / ".done" / f"{stage}.json"
-
-
+# ------------------------------------------------------------------ stage markers (sealed by markers.seal)
 def is_done(run_dir: Path | str, rnd: int, stage: str) -> bool:
+    """A marker exists (whether it still holds is :class:`markers.Checker`'s question)."""
     return marker_path(run_dir, rnd, stage).exists()
-
-
-def mark_done(run_dir: Path | str, rnd: int, stage: str, info: dict | None = None) -> None:
-    """Record a finished stage. Call it last: everything the stage wrote is already in place."""
-    atomic_write_json(marker_path(run_dir, rnd, stage), {"stage": stage, "round": rnd, "finished": time.time(), **(info or {})})
 
 
 def clear_done(run_dir: Path | str, rnd: int, stage: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         marker_path(run_dir, rnd, stage).unlink()
-
-
-def invalidate_after(run_dir: Path | str, rnd: int, stage: str) -> list[Path]:
-    """Remove the markers of everything downstream of (``rnd``, ``stage``) before it runs again.
-
-    A stage re-runs only when its marker is missing (a crash, or the user deleted it to redo
-    it); every later stage of that round and every later round was built on its old output,
-    so none of them may count as done any more. A ``stop.json`` from this round or later is
-    removed too (the round's eval decides again). Returns the markers removed.
-    """
-    run_dir = Path(run_dir)
-    removed = []
-    later = STAGES[STAGES.index(stage) + 1:]
-    for d in sorted(run_dir.glob("round_[0-9][0-9]")):
-        r = int(d.name[-2:])
-        for s in (later if r == rnd else STAGES if r > rnd else ()):
-            m = marker_path(run_dir, r, s)
-            if m.exists():
-                m.unlink()
-                removed.append(m)
-    stop = run_dir / "stop.json"
-    with contextlib.suppress(RunFolderError, AttributeError, TypeError):
-        if stop.exists() and read_json(stop).get("round", 0) >= rnd:
-            stop.unlink()
-    return removed
-
-
-def done_rounds(run_dir: Path | str) -> list[int]:
-    """Rounds whose every existing stage marker is present, in order."""
-    out = []
-    for d in sorted(Path(run_dir).glob("round_[0-9][0-9]")):
-        if (d / ".done" / "05_eval.json").exists():
-            out.append(int(d.name[-2:]))
-    return out
 
 
 # ------------------------------------------------------------------ one writer per run folder
@@ -282,8 +232,9 @@ def clean_temp_files(run_dir: Path | str) -> list[Path]:
     """Remove leftovers of interrupted atomic writes in ``run_dir`` and its ``round_NN`` folders.
 
     Only names made by :func:`atomic_write_bytes` / :func:`atomic_dir` are touched
-    (``.<name>.<8 random chars>.tmp``, ``.<name>.<pid>-<ns>.old.tmp``), and only while holding
-    :func:`run_lock`: nobody else is writing then. Returns what was removed.
+    (``.<name>.shtmp-<8 random chars>.tmp``, ``.<name>.shtmp-<pid>-<ns>.old.tmp``: a user's
+    ``.notes.12345678.tmp`` is left alone), and only while holding :func:`run_lock`: nobody
+    else is writing then. Returns what was removed.
     """
     run_dir = Path(run_dir)
     found = [p for p in run_dir.iterdir() if _TEMP_NAME.match(p.name)] if run_dir.is_dir() else []
@@ -302,4 +253,77 @@ def clean_temp_files(run_dir: Path | str) -> list[Path]:
     return removed
 
 
-_TEMP_NAME = re.compile(r"^\..+\.([a-z0-9_]{8}|\d+-\d+\.old)\.tmp$")
+_TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_TAG) + r"([a-z0-9_]{8}|\d+-\d+\.old)\.tmp$")
+
+
+# ------------------------------------------------------------------ config history
+def read_config_history(run_dir: Path | str) -> list[dict]:
+    """Entries of ``config_history.jsonl`` in the order they were appended ([] when there is none)."""
+    from .contract import run_path
+
+    p = run_path(run_dir, "config_history")
+    if not p.exists():
+        return []
+    rows = read_jsonl(p, "config history")
+    for i, e in enumerate(rows, 1):
+        if not isinstance(e, dict) or not isinstance(e.get("config"), dict) or not isinstance(e.get("from_round"), int):
+            raise RunFolderError(f"corrupted config history {p} line {i}: each line needs from_round and config")
+    return rows
+
+
+def _history_config(entry: dict, where: Path):
+    from . import config as C
+
+    try:
+        return C.validate(entry["config"])
+    except C.ConfigError as e:
+        raise RunFolderError(f"corrupted config history {where}: an entry does not validate ({e})") from None
+
+
+def round_config(run_dir: Path | str, rnd: int):
+    """The config in force for round ``rnd``: the last appended history entry that applies from
+    ``rnd`` or earlier (a later override supersedes every earlier one from its round on).
+    A run folder without a history (made by an older version) has only ``config.yaml``."""
+    from . import config as C
+    from .contract import run_path
+
+    hist = read_config_history(run_dir)
+    for e in reversed(hist):
+        if e["from_round"] <= rnd:
+            return _history_config(e, run_path(run_dir, "config_history"))
+    return C.load_config(run_path(run_dir, "config"))
+
+
+def latest_config(run_dir: Path | str):
+    """The config the next step runs with (the history's last entry, else config.yaml); None in a new folder."""
+    from . import config as C
+    from .contract import run_path
+
+    hist = read_config_history(run_dir)
+    if hist:
+        return _history_config(hist[-1], run_path(run_dir, "config_history"))
+    p = run_path(run_dir, "config")
+    return C.load_config(p) if p.exists() else None
+
+
+def record_config(run_dir: Path | str, cfg, from_round: int, meta: dict, changes: list[str] | None = None) -> None:
+    """Append ``cfg`` to the history (applying from ``from_round``) and write it as ``config.yaml``.
+
+    A folder that has a config.yaml but no history (an older version made it) gets its first
+    entry from that file first, so the past stays on record.
+    """
+    from . import config as C
+    from .contract import run_path
+
+    run_dir = Path(run_dir)
+    hist_path, cfg_path = run_path(run_dir, "config_history"), run_path(run_dir, "config")
+    hist = read_config_history(run_dir)
+    if not hist and cfg_path.exists() and changes is not None:
+        with contextlib.suppress(C.ConfigError):
+            hist.append({"from_round": 0, "time": None, "changes": None, "note": "config.yaml of an older run folder",
+                         "config": C.load_config(cfg_path).to_dict()})
+    hist.append({"from_round": from_round, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes,
+                 "git_commit": meta.get("git_commit"), "config": cfg.to_dict()})
+    atomic_write_jsonl(hist_path, hist)
+    C.save_config(cfg, cfg_path, {**meta, "history": f"{hist_path.name} ({len(hist)} entries; this config applies "
+                                               f"from round {from_round})"})

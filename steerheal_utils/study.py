@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import config as C
+from . import contract
 from .embedded import sha256
 from .runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
 
@@ -138,7 +139,7 @@ def shared_files(src_round: Path) -> list[Path]:
     stage starts, so 01-03's files are exactly those no newer than ``.done/03_filter.json``
     (04/05 never rewrite them). Hidden temporary leftovers are skipped.
     """
-    marker = src_round / ".done" / f"{SHARED_STAGES[-1]}.json"
+    marker = contract.marker_path(src_round.parent, 0, SHARED_STAGES[-1])
     if not marker.exists():
         raise StudyError(f"{marker} is missing: round 0's {SHARED_STAGES[-1]} has not finished in {src_round.parent}")
     limit = marker.stat().st_mtime_ns
@@ -147,7 +148,7 @@ def shared_files(src_round: Path) -> list[Path]:
         rel = p.relative_to(src_round)
         if not p.is_file() or p.name.endswith(".tmp"):
             continue
-        if rel.parts[0] == ".done":
+        if rel.parts[0] == contract.MARKER_DIR:
             if p.stem in SHARED_STAGES:
                 out.append(rel)
         elif p.stat().st_mtime_ns <= limit:
@@ -164,10 +165,10 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
     ``dst_run/shared_from.json``.
     """
     src_run, dst_run = Path(src_run), Path(dst_run)
-    dst_round = dst_run / "round_00"
-    if (dst_round / ".done" / f"{SHARED_STAGES[-1]}.json").exists():
+    dst_round = contract.round_dir(dst_run, 0)
+    if contract.marker_path(dst_run, 0, SHARED_STAGES[-1]).exists():
         return None
-    src_round = src_run / "round_00"
+    src_round = contract.round_dir(src_run, 0)
     files = shared_files(src_round)
     with run_lock(dst_run):
         scratch = dst_run / ".round_00.share.tmp"
@@ -176,7 +177,7 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
             (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_round / rel, scratch / rel)  # copy2 keeps mtimes: the 03-marker rule still holds
         if dst_round.exists():
-            late = [s for s in STAGES[3:] if (dst_round / ".done" / f"{s}.json").exists()]
+            late = [s for s in STAGES[3:] if contract.marker_path(dst_run, 0, s).exists()]
             if late:
                 raise StudyError(f"{dst_round} has {late} done but not {SHARED_STAGES[-1]}: inconsistent, remove it")
             shutil.rmtree(dst_round)
@@ -184,7 +185,7 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
         rec = {"source": str(src_run.resolve()), "round": 0, "stages": list(SHARED_STAGES),
                "copied": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "files": {str(rel): sha256(dst_round / rel) for rel in files}}
-        atomic_write_json(dst_run / "shared_from.json", rec)
+        atomic_write_json(contract.run_path(dst_run, "shared_from"), rec)
     return rec
 
 
@@ -197,11 +198,9 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
     vector, dose, active adapters) matches what it would compute, so a copy can save work but
     never change a result. Returns the stage names copied; records them in ``shared_from.json``.
     """
-    from .evaluate import EVAL_STAGE_DIR
-
-    src = Path(src_run) / "round_00" / EVAL_STAGE_DIR
-    dst = Path(dst_run) / "round_00" / EVAL_STAGE_DIR
-    if (Path(dst_run) / "round_00" / ".done" / f"{STAGES[-1]}.json").exists() or not src.is_dir():
+    src = contract.path(src_run, 0, "eval_cache")
+    dst = contract.path(dst_run, 0, "eval_cache")
+    if contract.marker_path(dst_run, 0, STAGES[-1]).exists() or not src.is_dir():
         return []
     copied = []
     members = sorted(f.stem for f in src.glob("random_*.json"))  # the control band
@@ -211,7 +210,7 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
             dst.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(dst / f.name, f.read_bytes())
             copied.append(name)
-    rec_path = Path(dst_run) / "shared_from.json"
+    rec_path = contract.run_path(dst_run, "shared_from")
     if copied and rec_path.exists():
         rec = read_json(rec_path)
         rec["eval_stages"] = sorted(set(rec.get("eval_stages", [])) | set(copied))
@@ -429,7 +428,7 @@ def collect_runs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int
             for row in metric_rows(run):
                 rnd = row["round"]
                 if rnd not in rates:
-                    p = run / f"round_{rnd:02d}" / "completions.jsonl"
+                    p = contract.path(run, rnd, "completions")
                     rates[rnd] = kept_loop_rate(read_jsonl(p, "completions"), strict) if p.exists() else None
                 lr = rates[rnd] if row["stage"] in ("steered", "healed") else None
                 out.append({"arm": arm, "seed": seed, **row, "kept_loop_rate": lr})
@@ -455,24 +454,27 @@ def pipeline_rows(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[in
         for seed in seeds:
             run = Path(study_dir) / run_name(arm, seed)
             for d in sorted(run.glob("round_[0-9][0-9]")):
-                row: dict[str, Any] = {"arm": arm, "seed": seed, "round": int(d.name[-2:])}
-                if (d / "generate.json").exists():
-                    gen = read_json(d / "generate.json")
-                    row.update(dose=gen.get("dose"), dose_flag=gen.get("dose_flag") or "")
-                if (d / "filter.json").exists():
-                    f = read_json(d / "filter.json")
+                rnd = int(d.name[-2:])
+                row: dict[str, Any] = {"arm": arm, "seed": seed, "round": rnd}
+                gen, filt = contract.path(run, rnd, "generate_summary"), contract.path(run, rnd, "filter_summary")
+                q1, healj = contract.path(run, rnd, "heal_q1"), contract.path(run, rnd, "heal_summary")
+                if gen.exists():
+                    g = read_json(gen)
+                    row.update(dose=g.get("dose"), dose_flag=g.get("dose_flag") or "")
+                if filt.exists():
+                    f = read_json(filt)
                     row.update(n_generated=f.get("n"), keep_rate=(f["n_kept"] / f["n"]) if f.get("n") else None,
                                reasons=f.get("reasons") or {})
                     lab = f.get("labelled") or {}
                     row.update(labelled_precision=lab.get("precision"), labelled_degenerate_recall=lab.get("degenerate_recall"))
-                if (d / "heal_q1.json").exists():
-                    sets = read_json(d / "heal_q1.json").get("sets", {})
+                if q1.exists():
+                    sets = read_json(q1).get("sets", {})
                     for name, key in (("steered", "steered"), ("healed_sampled", "healed_sampled"), ("healed_greedy", "healed_greedy")):
                         row[f"q1_loop_{key}"] = sets.get(name, {}).get("loop_rate")
                     row["q1_ppl_steered"] = sets.get("steered", {}).get("tail_ppl_median")
                     row["q1_ppl_healed_sampled"] = sets.get("healed_sampled", {}).get("tail_ppl_median")
-                if (d / "heal.json").exists():
-                    h = read_json(d / "heal.json").get("summary", {})
+                if healj.exists():
+                    h = read_json(healj).get("summary", {})
                     row.update(heal_nll_first=h.get("nll_first"), heal_nll_last=h.get("nll_last"),
                                heal_hinge_frac=h.get("hinge_frac_mean"))
                 if len(row) > 3:
@@ -564,12 +566,12 @@ def _round_eval(run: Path, rnd: int, cache: dict) -> tuple[dict, dict[str, list[
     """A run's round: eval.json and its eval_rows.jsonl grouped by stage (cached per call of item_cis)."""
     key = (str(run), rnd)
     if key not in cache:
-        d = run / f"round_{rnd:02d}"
-        if (d / "eval.json").exists() and (d / "eval_rows.jsonl").exists():
+        ev, ev_rows = contract.path(run, rnd, "eval"), contract.path(run, rnd, "eval_rows")
+        if ev.exists() and ev_rows.exists():
             by: dict[str, list[dict]] = {}
-            for r in read_jsonl(d / "eval_rows.jsonl", "eval rows"):
+            for r in read_jsonl(ev_rows, "eval rows"):
                 by.setdefault(r["stage"], []).append(r)
-            cache[key] = (read_json(d / "eval.json", "eval record"), by)
+            cache[key] = (read_json(ev, "eval record"), by)
         else:
             cache[key] = None
     return cache[key]
@@ -672,12 +674,13 @@ def run_timings(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]
             run = Path(study_dir) / run_name(arm, seed)
             if not run.exists():
                 continue
-            shared = read_json(run / "shared_from.json")["stages"] if (run / "shared_from.json").exists() else []
+            shared_path = contract.run_path(run, "shared_from")
+            shared = read_json(shared_path)["stages"] if shared_path.exists() else []
             per_round, own, span = {}, 0.0, []
             for d in sorted(run.glob("round_[0-9][0-9]")):
                 r = int(d.name[-2:])
                 secs = {}
-                for m in sorted((d / ".done").glob("*.json")):
+                for m in sorted((d / contract.MARKER_DIR).glob("*.json")):
                     rec = read_json(m)
                     s = rec.get("seconds")
                     secs[m.stem] = s
@@ -690,7 +693,8 @@ def run_timings(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]
             runs[run.name] = {"stage_seconds": per_round, "shared_round0_stages": shared, "seconds_own": round(own, 1),
                               "stage_spans": span,
                               "error": read_json(err).get("error") if err.exists() else None,
-                              "stop": read_json(run / "stop.json") if (run / "stop.json").exists() else None}
+                              "stop": read_json(contract.run_path(run, "stop"))
+                              if contract.run_path(run, "stop").exists() else None}
     return runs
 
 

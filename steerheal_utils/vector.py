@@ -469,10 +469,10 @@ def run_stage(ctx, model: nn.Module, tok) -> tuple[SteeringVector, dict]:
     sv, details = extract_vector(model, tok, [c["text"] for c in contexts], cfg.pos_persona, cfg.neg_persona,
                                  layers, batch_size=cfg.batch_size, progress=True,
                                  meta={"model": cfg.model, "round": ctx.round, "layers": layers})
-    sv.save(ctx.path("vector.safetensors"))
+    sv.save(ctx.artifact("vector"))
     details["contexts"] = [c["id"] for c in contexts]
     if ctx.round > 0:
-        first = SteeringVector.load(ctx.run_dir / "round_00" / "vector.safetensors")
+        first = SteeringVector.load(ctx.artifact("vector", 0))
         details["cosine_to_round0"] = sv.cosine(first)
     return sv, details
 

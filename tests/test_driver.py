@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import write_nb
+from conftest import FAKE_OUTPUTS, write_nb
 
 from steerheal_utils import config as C
 from steerheal_utils import stage
@@ -57,7 +57,7 @@ def test_resume_skips_finished_stages_and_continues(tmp_path):
     d.mkdir()
     for name in ("01_vector", "02_generate"):
         write_nb(d / f"{name}.ipynb", f"from steerheal_utils import stage\nctx = stage.open_stage('{name}', globals())\n"
-                 f"open(ctx.run_dir / 'log.txt', 'a').write(f'{name} {{ctx.round}}\\n')")
+                 f"open(ctx.run_dir / 'log.txt', 'a').write(f'{name} {{ctx.round}}\\n')\n" + FAKE_OUTPUTS)
     run = tmp_path / "run"
     args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
     assert run_cli(args, d, tmp_path).returncode == 0
@@ -73,6 +73,31 @@ def test_resume_skips_finished_stages_and_continues(tmp_path):
     # A different config is refused with a message naming the change.
     r = run_cli([*args, "--set", "seed=5"], d, tmp_path)
     assert r.returncode == 2 and "seed: 0 -> 5" in r.stderr and "--override-config" in r.stderr
+
+
+@pytest.mark.slow
+def test_override_config_is_recorded_and_applies_from_the_first_unfinished_round(tmp_path):
+    """--override-config appends to config_history.jsonl instead of rewriting the past: the
+    finished round keeps its config (and its records hold); the next round runs with the new one."""
+    d = tmp_path / "nbs"
+    d.mkdir()
+    for name in stage.contract.STAGES:
+        write_nb(d / f"{name}.ipynb", f"from steerheal_utils import stage\nctx = stage.open_stage('{name}', globals())\n"
+                 f"open(ctx.run_dir / 'log.txt', 'a').write(f'{name} {{ctx.round}} {{ctx.cfg.seed}}\\n')\n" + FAKE_OUTPUTS)
+    run = tmp_path / "run"
+    args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
+    assert run_cli(args, d, tmp_path).returncode == 0
+    args[4] = "2"
+    r = run_cli([*args, "--set", "seed=5", "--override-config"], d, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "config changed from round 01 on (seed: 0 -> 5)" in r.stderr
+    log = (run / "log.txt").read_text().split("\n")[:-1]
+    assert log == [f"{s} 0 0" for s in stage.contract.STAGES] + [f"{s} 1 5" for s in stage.contract.STAGES]
+    hist = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["from_round"], h["changes"], h["config"]["seed"]) for h in hist] == [(0, None, 0), (1, ["seed: 0 -> 5"], 5)]
+    assert C.load_config(run / "config.yaml").seed == 5
+    assert json.loads(marker_path(run, 0, "01_vector").read_text())["config"]["seed"] == 0
+    assert json.loads(marker_path(run, 1, "01_vector").read_text())["config"]["seed"] == 5
 
 
 def test_bad_set_fails_fast(tmp_path):
@@ -127,3 +152,32 @@ def test_stage_seeds_differ_and_are_stable():
     assert a == stage.stage_seed(0, 0, "02_generate")
     assert len({a, stage.stage_seed(0, 1, "02_generate"), stage.stage_seed(1, 0, "02_generate"),
                 stage.stage_seed(0, 0, "04_heal")}) == 4
+
+
+def test_a_new_artifact_needs_only_the_table_and_the_step_that_writes_it(tmp_path, monkeypatch, capsys):
+    """Declare an artifact in the contract and write it in its step: the driver records its hash,
+    a run notices when it is gone and redoes the step, and the docs list it. Nothing else changes."""
+    import dataclasses
+
+    from steerheal_utils import contract
+    from steerheal_utils.driver import run_loop
+
+    d = tmp_path / "nbs"
+    d.mkdir()
+    write_nb(d / "01_vector.ipynb", "from steerheal_utils import runfolder, stage\n"
+             "ctx = stage.open_stage('01_vector', globals())\n"
+             "runfolder.atomic_write_text(ctx.path('notes.txt'), 'what 01 noticed')\n" + FAKE_OUTPUTS)
+    monkeypatch.setenv("STEERHEAL_NOTEBOOKS", str(d))
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTER_PATH", __import__("os").environ.get("JUPYTER_PATH", ""))
+    monkeypatch.setitem(contract.ARTIFACTS, "notes", contract.Artifact("notes", "notes.txt", "what the vector step noticed"))
+    monkeypatch.setitem(contract.STEPS, "01_vector", dataclasses.replace(contract.STEPS["01_vector"], writes=("vector", "notes")))
+    run = tmp_path / "run"
+    run_loop(run, C.resolve("tiny"), 1)
+    assert "round_00/notes.txt" in json.loads(marker_path(run, 0, "01_vector").read_text())["outputs"]
+    assert "round_NN/notes.txt" in contract.run_folder_tree() and "`notes` = `notes.txt`" in contract.stage_graph_markdown()
+    capsys.readouterr()
+    (run / "round_00" / "notes.txt").unlink()
+    run_loop(run, C.resolve("tiny"), 1)
+    assert "round 00 01_vector: round_00/notes.txt is missing: running it again" in capsys.readouterr().err
+    assert (run / "round_00" / "notes.txt").read_text() == "what 01 noticed"

@@ -270,7 +270,7 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
                                            "calib_probes": 3, "calib_grid": 2, "n_keep": 4, "gen_budget": 6,
                                            "max_new_tokens": 8})
     summary = G.run_stage(ctx, model, tok, sv=_sv(model))
-    rows = read_jsonl(ctx.path("completions.jsonl"))
+    rows = read_jsonl(ctx.artifact("generated"))
     assert summary == read_json(ctx.path("generate.json"))
     assert len(rows) == summary["n_generated"] and 1 <= len(rows) <= ctx.cfg.gen_budget
     pool = {p["id"]: p["text"] for p in G.load_prompts("dilemmas")}
@@ -292,12 +292,12 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
     assert first != [p["id"] for p in G.load_prompts("dilemmas")[: ctx.cfg.calib_probes]]
 
 
-    # 03 on the same rows: every score, one reason, written back; too few kept stops the round
+    # 03 on the same rows: every score, one reason, written to its own file; too few kept stops the round
     from steerheal_utils import filter as F
 
     ctx3 = stage.open_stage("03_filter", {"run_dir": str(tmp_path / "run"), "round": 0})
     scored, fsum = F.run_stage(ctx3, model, tok)
-    back = read_jsonl(ctx.path("completions.jsonl"))
+    back = read_jsonl(ctx3.artifact("completions"))
     assert [r["id"] for r in back] == [r["id"] for r in rows]
     for r in back:
         assert r["reason"] in ("keep", *F.DROP_REASONS) and r["keep"] == (r["reason"] == "keep")

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import write_nb
+from conftest import FAKE_OUTPUTS, fake_round, write_nb
 import torch
 
 from steerheal_utils import config as C
+from steerheal_utils import contract, markers
 from steerheal_utils import embedded as E
 from steerheal_utils import models as M
 from steerheal_utils import runfolder as R
@@ -114,6 +116,31 @@ def test_papermill_injected_bad_parameter_fails_before_any_model_loads(tmp_path,
     assert len(failed) == 1 and "open_stage" in failed[0].source
 
 
+def test_hand_run_in_a_kernel_needs_an_existing_run_dir_and_a_fixed_hash_seed(tmp_path, monkeypatch):
+    """Papermill stands in for JupyterLab: a kernel started without the driver."""
+    import papermill as pm
+
+    from steerheal_utils.driver import init_run, kernel_name
+
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))
+    seeded = kernel_name()  # PYTHONHASHSEED=0, as the driver's kernels
+    nb = str(REPO / "notebooks" / "01_vector.ipynb")
+    with pytest.raises(pm.PapermillExecutionError) as ei:
+        pm.execute_notebook(nb, str(tmp_path / "a.ipynb"), kernel_name=seeded, progress_bar=False,
+                            parameters={"run_dir": str(tmp_path / "runs" / "tpyo"), "round": 0})
+    assert ei.value.ename == "ConfigError" and "tpyo does not exist" in ei.value.evalue
+    assert not (tmp_path / "runs").exists()
+    run = tmp_path / "run"
+    init_run(run, C.resolve("tiny"))
+    monkeypatch.setenv("PYTHONHASHSEED", "random")  # what a plain JupyterLab kernel has
+    with pytest.raises(pm.PapermillExecutionError) as ei:
+        pm.execute_notebook(nb, str(tmp_path / "b.ipynb"), kernel_name="python3", progress_bar=False,
+                            parameters={"run_dir": str(run), "round": 0})
+    assert ei.value.ename == "ConfigError" and "PYTHONHASHSEED=0" in ei.value.evalue
+    assert not (run / "round_00" / "vector.safetensors").exists()
+
+
 # ====================================================================== model load errors
 @pytest.mark.parametrize("model, needles", [
     ("org/no-such-model-xyz", ["'org/no-such-model-xyz'", "no network? or a misspelt id", "smollm2-135m-instruct", "local folder"]),
@@ -149,6 +176,7 @@ def test_trust_remote_code_is_off_by_default_and_passed_through(tmp_path, monkey
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")  # only safetensors folders get as far as transformers
     seen = []
 
     class Stop(Exception):
@@ -230,10 +258,13 @@ def test_enospc_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, whe
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    cfg = C.resolve("tiny")
+    R.atomic_write_bytes(contract.path(tmp_path, 0, "vector"), b"v")
+    before = markers.input_snapshot(tmp_path, 0, "01_vector", cfg)
     monkeypatch.setattr(R.os, "fsync", full)
-    with pytest.raises(OSError):  # a marker write fails the same way: the stage stays not-done
-        R.mark_done(tmp_path, 0, "05_eval")
-    assert not R.is_done(tmp_path, 0, "05_eval") and temp_leftovers(tmp_path) == []
+    with pytest.raises(OSError):  # a record's write fails the same way: the stage stays not-done
+        markers.seal(tmp_path, 0, "01_vector", cfg, inputs_before=before)
+    assert not R.is_done(tmp_path, 0, "01_vector") and temp_leftovers(tmp_path) == []
 
 
 def test_atomic_dir_failure_keeps_the_old_folder(tmp_path, monkeypatch):
@@ -268,21 +299,36 @@ def test_atomic_dir_failure_keeps_the_old_folder(tmp_path, monkeypatch):
 def test_clean_temp_files_removes_only_interrupted_writes(tmp_path):
     rd = tmp_path / "round_00"
     (rd / "adapter").mkdir(parents=True)
-    mine = [rd / ".completions.jsonl.ab12cd_9.tmp", rd / ".done" / ".04_heal.json.zzzzzzzz.tmp",
-            tmp_path / ".metrics.csv.k3j4h5g6.tmp", rd / ".adapter.123-456.old.tmp"]
+    mine = [rd / ".completions.jsonl.shtmp-ab12cd_9.tmp", rd / ".done" / ".04_heal.json.shtmp-zzzzzzzz.tmp",
+            tmp_path / ".metrics.csv.shtmp-k3j4h5g6.tmp", rd / ".adapter.shtmp-123-456.old.tmp"]
     for p in mine:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.mkdir() if p.name.endswith("old.tmp") else p.write_text("half")
-    (rd / ".adapter.q1w2e3r4.tmp").mkdir()
-    (rd / ".adapter.q1w2e3r4.tmp" / "adapter_model.safetensors").write_text("half")
-    keep = [rd / "completions.jsonl", tmp_path / "notes.tmp", tmp_path / "elsewhere" / ".x.abcdefgh.tmp"]
+    (rd / ".adapter.shtmp-q1w2e3r4.tmp").mkdir()
+    (rd / ".adapter.shtmp-q1w2e3r4.tmp" / "adapter_model.safetensors").write_text("half")
+    # a user's files named like temporary files of other tools are never touched
+    keep = [rd / "completions.jsonl", tmp_path / "notes.tmp", tmp_path / "elsewhere" / ".x.shtmp-abcdefgh.tmp",
+            tmp_path / ".notes.12345678.tmp", rd / ".mine.123-456.old.tmp", rd / ".draft.ab12cd_9.tmp"]
     for p in keep:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("keep")
     removed = R.clean_temp_files(tmp_path)
     assert len(removed) == 5
-    assert all(not p.exists() for p in mine) and not (rd / ".adapter.q1w2e3r4.tmp").exists()
+    assert all(not p.exists() for p in mine) and not (rd / ".adapter.shtmp-q1w2e3r4.tmp").exists()
     assert all(p.exists() for p in keep) and (rd / "adapter").is_dir()
+
+
+def test_temp_names_of_atomic_writes_are_what_the_cleaner_removes(tmp_path, monkeypatch):
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(R.os, "replace", lambda a, b: (seen.extend([Path(a).name, Path(b).name]), real(a, b))[1])
+    R.atomic_write_text(tmp_path / "round_00" / "x.json", "{}")
+    with R.atomic_dir(tmp_path / "round_00" / "adapter") as d:
+        (d / "w").write_text("1")
+    with R.atomic_dir(tmp_path / "round_00" / "adapter") as d:  # replacing: the old folder moves aside first
+        (d / "w").write_text("2")
+    hidden = [n for n in seen if n.startswith(".")]  # two temp files/folders, the old folder, a temp folder
+    assert len(hidden) == 4 and all(R._TEMP_NAME.match(n) for n in hidden), seen
 
 
 def test_corrupt_json_and_jsonl_name_the_file(tmp_path):
@@ -297,15 +343,127 @@ def test_corrupt_json_and_jsonl_name_the_file(tmp_path):
 
 
 # ====================================================================== run folder markers and lock
-def test_rerunning_a_stage_unmarks_everything_downstream(tmp_path):
-    for r in (0, 1):
-        for s in R.STAGES:
-            R.mark_done(tmp_path, r, s)
-    R.atomic_write_json(tmp_path / "stop.json", {"round": 1, "reason": "coherence"})
-    removed = R.invalidate_after(tmp_path, 0, "03_filter")
-    assert [R.is_done(tmp_path, 0, s) for s in R.STAGES] == [True, True, True, False, False]
-    assert not any(R.is_done(tmp_path, 1, s) for s in R.STAGES) and len(removed) == 7
-    assert not (tmp_path / "stop.json").exists()
+def _run_of_two_rounds(tmp_path, **over):
+    from steerheal_utils.driver import init_run
+
+    run = tmp_path / "run"
+    cfg = C.resolve("tiny", over)
+    init_run(run, cfg)
+    fake_round(run, 0, cfg)
+    fake_round(run, 1, cfg)
+    return run, cfg
+
+
+def _states(run) -> dict:
+    chk = markers.Checker(run)
+    return {(r, s): chk.status(r, s).state for r in chk.rounds() for s in R.STAGES}
+
+
+def test_sealed_records_hold_and_a_missing_output_is_named(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    assert set(_states(run).values()) == {"ok"} and markers.rounds_that_hold(run) == [0, 1]
+    rec = json.loads(R.marker_path(run, 0, "05_eval").read_text())
+    assert set(rec["inputs"]) == {"round_00/adapter/weights.safetensors", "round_00/vector.safetensors",
+                                  "round_00/generate.json"}
+    assert set(rec["outputs"]) == {"round_00/eval.json", "round_00/eval_rows.jsonl"} and rec["config"]["coh_floor"] == 0.0
+    (run / "round_00" / "eval.json").unlink()
+    st = markers.Checker(run).status(0, "05_eval")
+    assert (st.state, st.reason) == ("broken", "round_00/eval.json is missing")
+    # round 1 was not built on round 0's eval: it still holds, round 0 is left out of the report
+    assert markers.rounds_that_hold(run) == [1]
+
+
+def test_a_changed_file_makes_what_was_built_on_it_stale(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    p = run / "round_00" / "completions.jsonl"
+    p.write_text(p.read_text()[:5])  # cut
+    chk = markers.Checker(run)
+    assert chk.status(0, "03_filter").state == "broken"
+    assert "round_00/completions.jsonl changed since 03_filter wrote it" in chk.status(0, "03_filter").reason
+    assert chk.status(0, "04_heal").reason.startswith("it was built on round 00 03_filter, which does not hold")
+    assert [chk.status(1, s).state for s in R.STAGES] == ["stale"] * 5  # every later round stood on round 0's adapter
+    assert chk.status(0, "02_generate").holds and markers.rounds_that_hold(run) == []
+    # 03 redone with a different result: its own record holds again, 04 read the old file
+    fake_round(run, 0, cfg, ["03_filter"], tag=" (redone)")
+    chk = markers.Checker(run)
+    assert chk.status(0, "03_filter").state == "ok"
+    assert chk.status(0, "04_heal").reason == "round_00/completions.jsonl changed since 04_heal read it"
+
+
+def test_a_redone_step_with_the_same_result_leaves_the_rest_standing(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 0, "02_generate")
+    assert _states(run)[0, "03_filter"] == "stale"
+    fake_round(run, 0, cfg, ["02_generate"])  # same bytes again
+    assert set(_states(run).values()) == {"ok"}
+
+
+def test_a_config_change_applies_from_its_round_on(tmp_path):
+    from steerheal_utils.driver import init_run
+
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 1, "05_eval")  # round 1 is not finished
+    new = C.resolve("tiny", {"lr": 1e-2})
+    init_run(run, new, override=True)
+    hist = R.read_config_history(run)
+    assert [e["from_round"] for e in hist] == [0, 1] and hist[1]["changes"] == ["lr: 0.0001 -> 0.01"]
+    assert R.round_config(run, 0).lr == 1e-4 and R.round_config(run, 1).lr == 1e-2 and C.load_config(run / "config.yaml") == new
+    st = _states(run)
+    assert all(st[0, s] == "ok" for s in R.STAGES)  # finished rounds keep the config they were made with
+    assert st[1, "01_vector"] == st[1, "03_filter"] == "ok"  # steps that do not use lr
+    why = markers.Checker(run).status(1, "04_heal").reason
+    assert st[1, "04_heal"] == "stale" and why == "the config changed (lr: 0.0001 -> 0.01)"
+    assert markers.rounds_that_hold(run) == [0]
+
+
+def test_legacy_markers_hold_and_are_adopted_not_trusted_blindly(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    for s in R.STAGES:
+        R.atomic_write_json(R.marker_path(run, 0, s), {"stage": s, "round": 0, "finished": 1.0, "seconds": 2.0})
+    (run / "round_00" / "generated.jsonl").unlink()  # the old layout had no separate 02 file
+    assert [markers.Checker(run).status(0, s).state for s in R.STAGES] == ["legacy"] * 5
+    for s in R.STAGES:
+        markers.adopt(run, 0, s, cfg)
+    assert set(_states(run).values()) == {"ok"}
+    assert json.loads(R.marker_path(run, 0, "04_heal").read_text())["by"] == "adopted"
+    R.atomic_write_json(R.marker_path(run, 1, "04_heal"), {"stage": "04_heal"})
+    (run / "round_01" / "heal.json").unlink()
+    with pytest.raises(R.RunFolderError, match="round_01/heal.json missing"):
+        markers.adopt(run, 1, "04_heal", cfg)
+
+
+def test_the_eval_being_run_draws_its_own_round_before_it_is_sealed(tmp_path):
+    """05's notebook plots the trajectory so far, its own round included, before the driver seals it."""
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 1, "05_eval")
+    assert markers.rounds_that_hold(run) == [0]
+    stage.open_stage("05_eval", {"run_dir": str(run), "round": 1})
+    assert markers.rounds_that_hold(run) == [0, 1]
+    stage.open_stage("04_heal", {"run_dir": str(run), "round": 1})  # any other step: only what holds
+    assert markers.rounds_that_hold(run) == [0]
+
+
+def test_seal_refuses_a_missing_output_or_an_input_changed_meanwhile(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    before = markers.input_snapshot(run, 0, "04_heal", cfg)
+    (run / "round_00" / "heal_q1.json").unlink()
+    with pytest.raises(R.RunFolderError, match="finished without writing round_00/heal_q1.json"):
+        markers.seal(run, 0, "04_heal", cfg, inputs_before=before)
+    R.atomic_write_text(run / "round_00" / "heal_q1.json", "{}")
+    R.atomic_write_text(run / "round_00" / "completions.jsonl", "changed\n")
+    with pytest.raises(R.RunFolderError, match="round_00/completions.jsonl changed while the step ran"):
+        markers.seal(run, 0, "04_heal", cfg, inputs_before=before)
+
+
+def test_a_corrupted_marker_or_a_changed_vignette_file_is_noticed(tmp_path):
+    vign = tmp_path / "v.jsonl"
+    vign.write_text('{"id": 1}\n')
+    run, cfg = _run_of_two_rounds(tmp_path, vignettes=str(vign))
+    assert f"vignettes:{vign}" in json.loads(R.marker_path(run, 0, "05_eval").read_text())["inputs"]
+    vign.write_text('{"id": 2}\n')
+    assert markers.Checker(run).status(0, "05_eval").reason == f"vignettes:{vign} changed since 05_eval read it"
+    R.marker_path(run, 1, "01_vector").write_text('{"stage": "01_vect')
+    assert markers.Checker(run).status(1, "01_vector").reason == "its marker round_01/.done/01_vector.json is corrupted"
 
 
 def test_one_driver_per_run_folder_and_a_dead_holder_frees_it(tmp_path):
@@ -333,6 +491,157 @@ def test_one_driver_per_run_folder_and_a_dead_holder_frees_it(tmp_path):
         holder.wait()
     with R.run_lock(a):  # SIGKILL released it: the same command can resume
         pass
+
+
+# ====================================================================== inputs checked once, in one place
+def _main(args, capsys) -> tuple[int, str]:
+    from steerheal_utils.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_nan_and_inf_are_refused_by_the_config(tmp_path, capsys):
+    for item, key in (("lr=nan", "lr"), ("temperature=nan", "temperature"), ("calib_hi=.inf", "calib_hi"),
+                      ("lam_round_pow=-.inf", "lam_round_pow")):
+        with pytest.raises(C.ConfigError, match=f"{key}: expected a finite number"):
+            C.resolve("tiny", [item])
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--set", "lr=nan"], capsys)
+    assert code == 2 and err == "config error: lr: expected a finite number, got nan\n"
+    assert not (tmp_path / "r").exists()
+    bad = tmp_path / "nan.yaml"  # a saved NaN (an older version let it through) is named, not compared as "nan -> nan"
+    bad.write_text("lr: .nan\n")
+    with pytest.raises(C.ConfigError, match=f"{bad}: lr: expected a finite number"):
+        C.load_config(bad)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("- 1\n- 2\n", "holds a list"), ("hello\n", "holds a str ('hello')"), ("", "is empty"),
+    ("a: [\n", "is not valid YAML"), ("1: 2\n", "unknown config key '1'")])
+def test_config_files_that_are_not_a_mapping_are_one_line_errors(tmp_path, capsys, content, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(content)
+    code, err = _main(["run", "--config", str(f), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.startswith(f"config error: {f}") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_dir_that_is_a_file_and_a_damaged_config_yaml_are_one_line_errors(tmp_path, capsys):
+    from steerheal_utils.driver import init_run
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", str(f)], capsys)
+    assert code == 2 and err == f"config error: --run-dir {f} is a file, not a run folder: give a folder (new or existing)\n"
+    run = tmp_path / "run"
+    init_run(run, C.resolve("tiny"))
+    args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
+    for content, needle in (("", "is empty"), ("tiny\n", "holds a str ('tiny')"),
+                            ((run / "config.yaml").read_text().replace("seed: 0", "seed: 7"),
+                             "differs from the last entry of config_history.jsonl (edited by hand?): seed: 0 -> 7")):
+        (run / "config.yaml").write_text(content)
+        code, err = _main(args, capsys)
+        assert code == 2 and needle in err and "--override-config" in err and "different config" not in err, err
+    # --override-config writes the config back (recorded in the history as such)
+    init_run(run, C.resolve("tiny"), override=True)
+    assert C.load_config(run / "config.yaml") == C.resolve("tiny")
+    assert R.read_config_history(run)[-1]["changes"] == ["config.yaml written again"]
+
+
+def test_paths_are_resolved_once_against_the_callers_directory(tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "models" / "good").mkdir(parents=True)
+    (work / "v.jsonl").write_text("{}\n")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    cfg = C.resolve("tiny", {"model": "models/good", "vignettes": "v.jsonl"})
+    assert cfg.model == str(work / "models" / "good") and cfg.vignettes == str(work / "v.jsonl")
+    C.check_files(cfg)
+    C.save_config(cfg, tmp_path / "c.yaml")
+    monkeypatch.chdir(elsewhere)  # a stage with another working directory sees the same files
+    assert C.load_config(tmp_path / "c.yaml") == cfg
+    with pytest.raises(C.ConfigError, match=f"vignettes: no such file {elsewhere / 'v.jsonl'}"):
+        C.check_files(C.resolve("tiny", {"vignettes": "v.jsonl"}))
+    assert C.resolve("tiny", {"model": "org/name"}).model == "org/name"  # an HF id that is not a folder here
+    assert C.resolve("tiny", {"model": "./org"}).model == str(elsewhere / "org")  # a path: named in full in errors
+
+
+def test_a_missing_file_named_by_the_config_stops_the_run_before_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", "r", "--set", "vignettes=v.jsonl"], capsys)
+    assert code == 2 and err == f"config error: vignettes: no such file {tmp_path / 'v.jsonl'}\n"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_relative_model_path_is_the_callers_in_every_stage(tmp_path):
+    """Before: `--set model=models/good` from another folder passed the check (the caller's working
+    directory) and failed in 01 (the notebook's): "hub cannot be reached"."""
+    model, tok = M.tiny_model("llama", seed=3)
+    good = tmp_path / "work" / "models" / "good"
+    model.save_pretrained(good, safe_serialization=True)
+    tok.save_pretrained(good)
+    d = tmp_path / "nbs"
+    d.mkdir()
+    (d / "01_vector.ipynb").write_bytes((REPO / "notebooks" / "01_vector.ipynb").read_bytes())
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "steerheal_utils", *TINY, "--run-dir", str(run), "--set", "model=models/good"],
+                       capture_output=True, text=True, env=cli_env(tmp_path, d), cwd=tmp_path / "work", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert C.load_config(run / "config.yaml").model == str(good)
+    assert SteeringVector.load(run / "round_00" / "vector.safetensors").meta["model"] == str(good)
+
+
+def test_model_folder_with_only_pickled_weights_is_refused(tmp_path, capsys):
+    sentinel = tmp_path / "PWNED"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Sentinel(sentinel)))
+    with pytest.raises(M.ModelLoadError, match="no \\*.safetensors weights \\(found pytorch_model.bin: pickled"):
+        M.check_model(str(folder))
+    with pytest.raises(M.ModelLoadError, match="pickled weights"):
+        M.load_model(str(folder))
+    code, err = _main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--set", f"model={folder}"], capsys)
+    assert code == 1 and err.startswith("model error:") and "pytorch_model.bin" in err and "Traceback" not in err
+    assert not sentinel.exists() and not (tmp_path / "r").exists()
+
+
+def test_notebook_run_dir_that_does_not_exist_is_an_error_not_a_new_run(tmp_path):
+    with pytest.raises(C.ConfigError, match=f"run_dir: {tmp_path / 'typo'} does not exist"):
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path / "typo"), "round": 0})
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.ConfigError, match="has no config.yaml"):
+        stage.open_stage("01_vector", {"run_dir": str(tmp_path / "empty"), "round": 0})
+    ctx = stage.open_stage("01_vector", {"run_dir": str(tmp_path / "new"), "round": 0, "preset": "tiny"})  # asked for
+    assert ctx.cfg == C.resolve("tiny") and R.read_config_history(tmp_path / "new")[0]["from_round"] == 0
+
+
+def test_a_hand_run_on_a_finished_step_writes_to_scratch_only(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    R.clear_done(run, 1, "03_filter")
+    states, files = _states(run), {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ctx = stage.open_stage("02_generate", {"run_dir": str(run), "round": 0})
+    assert ctx.mode == "explore" and ctx.explore_dir.parent == run / "round_00" / "explore"
+    assert ctx.artifact("generated") == ctx.explore_dir / "generated.jsonl"  # outputs: scratch
+    assert ctx.artifact("vector") == run / "round_00" / "vector.safetensors"  # inputs: the journal
+    assert ctx.path("x.txt") == ctx.explore_dir / "x.txt"
+    with pytest.raises(contract.ContractError, match="02_generate does not declare 'completions'"):
+        ctx.artifact("completions")
+    with pytest.raises(contract.ContractError, match="'vector' of round 1"):
+        ctx.artifact("vector", 1)
+    R.atomic_write_text(ctx.artifact("generated"), "explored\n")
+    ctx3 = stage.open_stage("03_filter", {"run_dir": str(run), "round": 0})
+    assert ctx3.artifact("generated") == ctx.artifact("generated")  # the next step explores on from there
+    other = stage.open_stage("02_generate", {"run_dir": str(run), "round": 0, "dose": 0.5})
+    assert other.explore_dir != ctx.explore_dir and other.cfg.dose == 0.5
+    later = stage.open_stage("03_filter", {"run_dir": str(run), "round": 1})  # no record: the journal, as before
+    assert later.mode == "journal" and later.artifact("completions") == run / "round_01" / "completions.jsonl"
+    assert _states(run) == states  # exploring changed no record...
+    assert all(p.read_bytes() == b for p, b in files.items() if p.name != ".lock")  # ...and no file of the journal
+    with pytest.raises(C.ConfigError, match="replace=True takes no config keys"):
+        stage.open_stage("02_generate", {"run_dir": str(run), "round": 0, "replace": True, "dose": 0.5})
 
 
 # ====================================================================== paths cannot escape the run folder
@@ -554,6 +863,7 @@ def test_concurrent_first_use_converts_once(tmp_path):
     out = cache / "models" / E.NAME
     assert [o[0].strip() for o in outs] == [str(out)] * 2
     assert log.read_text() == "start\nend\n"  # converted exactly once
+    assert sum("waiting for another process to finish converting" in o[1] for o in outs) == 1  # the waiter says so
     assert sorted(p.name for p in out.iterdir()) == ["READY", "config.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"w" * 1000
     assert not stale.exists() and [p.name for p in (cache / "models").iterdir() if p.name.endswith(".tmp")] == []
@@ -607,13 +917,54 @@ def test_stage_fault_is_one_message_and_the_same_command_resumes(tmp_path, kind,
 
 
 
+INTERRUPTIBLE_STAGE = """
+import time
+from pathlib import Path
+from steerheal_utils import stage
+ctx = stage.open_stage("01_vector", globals())
+if Path({slow!r}).exists():
+    time.sleep(120)
+"""
+
+
+def test_ctrl_c_prints_one_message_and_the_same_command_resumes(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    slow = tmp_path / "slow"
+    slow.write_text("1")
+    write_nb(d / "01_vector.ipynb", INTERRUPTIBLE_STAGE.format(slow=str(slow)) + FAKE_OUTPUTS)
+    run = tmp_path / "run"
+    args = ["run", "--preset", "tiny", "--rounds", "1", "--run-dir", str(run)]
+    # its own session: a terminal's Ctrl-C reaches the whole foreground process group
+    proc = subprocess.Popen([sys.executable, "-m", "steerheal_utils", *args], env=cli_env(tmp_path, d), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "round_00" / "01_vector.ipynb").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        time.sleep(5.0)  # the kernel is up and in the cell
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err and "ERROR" not in err, err
+    assert err.count("interrupted: re-run the same command to resume") == 1, err
+    assert not R.is_done(run, 0, "01_vector")
+    slow.unlink()
+    r = run_cli(args, tmp_path, d)
+    assert r.returncode == 0 and R.is_done(run, 0, "01_vector"), r.stderr[-3000:]
+
+
 SLOW_STAGE = """
 import time
 from steerheal_utils import runfolder, stage
 ctx = stage.open_stage("01_vector", globals())
-time.sleep(6)
+time.sleep(20)  # long enough for a third command to start on a loaded machine
 runfolder.atomic_write_text(ctx.path("done.txt"), str(ctx.run_dir))
-"""
+""" + FAKE_OUTPUTS
 
 
 def test_two_runs_at_once_do_not_interfere_and_one_folder_has_one_driver(tmp_path):
@@ -649,10 +1000,6 @@ def test_two_runs_at_once_do_not_interfere_and_one_folder_has_one_driver(tmp_pat
 # One uninterrupted 1-round run is the reference; the fault tests start from copies of its
 # finished stages where the fault is about a later stage, so each costs only what it tests.
 TINY = ["run", "--preset", "tiny", "--rounds", "1"]
-STAGE_FILES = {"04_heal": ["adapter", "heal.json", "heal_steps.csv", "heal_q1.json"],
-               "05_eval": ["eval.json", "eval_rows.jsonl"]}
-
-
 def metrics(run: Path) -> list[dict]:
     """metrics.csv without its wall-clock column (the one thing a re-run cannot repeat)."""
     import csv
@@ -676,13 +1023,14 @@ def copy_until(ref: Path, dst: Path, last: str) -> Path:
     import shutil
 
     dst.mkdir(parents=True)
-    shutil.copy2(ref / "config.yaml", dst / "config.yaml")
+    for name in ("config", "config_history"):
+        shutil.copy2(contract.run_path(ref, name), contract.run_path(dst, name))
     shutil.copytree(ref / "round_00", dst / "round_00")
     for s in R.STAGES[R.STAGES.index(last) + 1:]:
         R.clear_done(dst, 0, s)
-        (dst / "round_00" / f"{s}.ipynb").unlink(missing_ok=True)
-        for name in STAGE_FILES.get(s, []):
-            p = dst / "round_00" / name
+        contract.journal_path(dst, 0, s).unlink(missing_ok=True)
+        for name in contract.step(s).writes:
+            p = contract.path(dst, 0, name)
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return dst
 
@@ -743,9 +1091,11 @@ def test_nan_in_heal_stops_the_round_with_nothing_marked(tmp_path, reference):
 @pytest.mark.slow
 def test_filter_starvation_is_a_clear_message_with_counts(tmp_path, reference):
     run = copy_until(reference, tmp_path / "run", "02_generate")
-    r = run_cli([*TINY, "--run-dir", str(run), "--set", "max_tail_ppl=1.0", "--override-config"], tmp_path)
-    assert_one_clear_error(r, "round 00 03_filter failed: TooFewKept", "filter starvation", "kept 0 of",
-                           "min_train=1")
+    # min_train is a filter key, which 02 uses too (it filters every sample): 02 runs again first
+    # (same rows), then 03 stops the round
+    r = run_cli([*TINY, "--run-dir", str(run), "--set", "min_train=1000", "--override-config"], tmp_path)
+    assert_one_clear_error(r, "round 00 03_filter failed: TooFewKept", "filter starvation", "min_train=1000",
+                           "round 00 02_generate: the config changed (min_train: 1 -> 1000): running it again")
     assert not R.is_done(run, 0, "03_filter") and not (run / "round_00" / "adapter").exists()
     assert temp_leftovers(run) == []
 
@@ -767,12 +1117,120 @@ def test_coherence_floor_stops_the_loop_and_records_why(tmp_path, reference):
     assert r.returncode == 0 and "stopp" in r.stderr and not (run / "round_01").exists()
 
 
+def _ran(stderr: str) -> list[str]:
+    """The stages a run executed, from its progress lines."""
+    return re.findall(r"\] (0\d_\w+) \.\.\.", stderr)
+
+
+def _copy_run(ref: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(ref, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+# (file in round_00, damage, the stage that wrote it, what the run says, the stages it runs again)
+DAMAGE = [
+    ("vector.safetensors", "delete", "01_vector", "is missing", ["01_vector"]),
+    # 02 again gives the same rows but new timings in generate.json, which 05 reads: 05 runs again too
+    ("generate.json", "delete", "02_generate", "is missing", ["02_generate", "05_eval"]),
+    ("completions.jsonl", "cut", "03_filter", "changed since 03_filter wrote it", ["03_filter"]),
+    ("filter.json", "corrupt", "03_filter", "changed since 03_filter wrote it", ["03_filter"]),
+    ("adapter/adapter_model.safetensors", "cut", "04_heal", "changed since 04_heal wrote it", ["04_heal"]),
+    # the adapter folder deleted and 05 asked to run again: 05 skipped 'healed' and dropped its row
+    ("adapter", "delete", "04_heal", "is missing", ["04_heal", "05_eval"]),
+    ("eval.json", "delete", "05_eval", "is missing", ["05_eval"]),
+]
+
+
 @pytest.mark.slow
-def test_truncated_adapter_of_an_earlier_round_names_the_file(tmp_path, reference):
-    run = copy_until(reference, tmp_path / "run", "05_eval")
-    f = run / "round_00" / "adapter" / "adapter_model.safetensors"
-    f.write_bytes(f.read_bytes()[:-100])
+@pytest.mark.parametrize("name, how, stage, why, redone", DAMAGE, ids=[d[0].split("/")[-1] for d in DAMAGE])
+def test_a_damaged_artifact_is_named_and_its_stage_redone(tmp_path, reference, name, how, stage, why, redone):
+    """Before: exit 0 with changed or missing numbers (eval.json deleted: 7 metrics rows became 2;
+    completions cut: n_generated / n_kept changed; ...). Now: `report` names the file and the stage
+    and exits 1; `run` says so, redoes the stage, and ends with the reference's files and metrics."""
+    run = _copy_run(reference, tmp_path / "run")
+    f = run / "round_00" / name
+    if how == "delete" and f.is_dir():
+        import shutil
+
+        shutil.rmtree(f)
+        R.clear_done(run, 0, "05_eval")
+    elif how == "delete":
+        f.unlink()
+    elif how == "cut":
+        lines = f.read_bytes().splitlines(keepends=True)
+        f.write_bytes(b"".join(lines[: len(lines) // 2]) if len(lines) > 2 else f.read_bytes()[:-100])
+    else:
+        f.write_bytes(f.read_bytes()[:-20])
+    said = f"round 00 {stage}: round_00/{name}{'/adapter_config.json' if f.name == 'adapter' else ''} {why}"
+    if stage in ("04_heal", "05_eval"):
+        r = run_cli(["report", str(run)], tmp_path)
+        assert_one_clear_error(r, f"run folder error: {said}", "left out of the report")
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{said}: running it again" in r.stderr and _ran(r.stderr) == redone, r.stderr[-3000:]
+    if f.is_file() and not name.endswith(".json"):  # .json files carry their own timings
+        assert f.read_bytes() == (reference / "round_00" / name).read_bytes()
+    assert metrics(run) == metrics(reference)
+    assert markers.Checker(run).round_holds(0)
+
+
+@pytest.mark.slow
+def test_a_round_that_no_longer_holds_is_left_out_of_metrics_and_the_report(tmp_path, reference):
+    """Before: remove round 0's 04 marker, re-run with --rounds 1 --set lr=1e-2 --override-config:
+    metrics.csv and the report kept round 1's rows from the old adapter (exit 0)."""
+    run = _copy_run(reference, tmp_path / "run")
     r = run_cli(["run", "--preset", "tiny", "--rounds", "2", "--run-dir", str(run)], tmp_path)
-    assert_one_clear_error(r, "round 01 01_vector failed: RunFolderError", f"corrupted adapter file {f}",
-                           str(R.marker_path(run, 0, "04_heal")))
-    assert all(R.is_done(run, 0, s) for s in R.STAGES) and not any(R.is_done(run, 1, s) for s in R.STAGES)
+    assert r.returncode == 0 and _ran(r.stderr) == list(R.STAGES), r.stderr[-3000:]
+    assert {m["round"] for m in metrics(run)} == {"0", "1"}
+    R.clear_done(run, 0, "04_heal")
+    r = run_cli([*TINY, "--run-dir", str(run), "--set", "lr=1e-2", "--override-config"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config changed from round 00 on (lr: 0.0001 -> 0.01)" in r.stderr and _ran(r.stderr) == ["04_heal", "05_eval"]
+    assert "round 01 is left out of metrics.csv and the report: round 01 01_vector: round_00/adapter" in r.stderr
+    rows = metrics(run)
+    assert {m["round"] for m in rows} == {"0"} and rows != metrics(reference)  # round 0 healed with the new lr
+    hist = R.read_config_history(run)
+    assert (hist[-1]["from_round"], hist[-1]["changes"]) == (0, ["lr: 0.0001 -> 0.01"])
+    r = run_cli(["report", str(run)], tmp_path)
+    assert_one_clear_error(r, "run folder error: round 01 01_vector: round_00/adapter/adapter_model.safetensors "
+                              "changed since 01_vector read it", "--rounds 2")
+    assert {m["round"] for m in metrics(run)} == {"0"}
+
+
+@pytest.mark.slow
+def test_rerunning_02_by_hand_in_a_finished_run_touches_nothing_of_the_run(tmp_path, reference, monkeypatch):
+    """The hazard: 02_generate run by hand (papermill standing in for JupyterLab) on a finished run
+    folder rewrote completions.jsonl, stripped 03's scores and kept every marker. Now it writes to
+    round_00/explore/; with the same seeds it reproduces the driver's rows byte for byte (hand runs
+    are seeded like driver runs); replace=True rewrites the journal's copy and records it."""
+    import papermill as pm
+
+    from steerheal_utils.driver import kernel_name
+
+    run = _copy_run(reference, tmp_path / "run")
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path / "cache"))
+    kernel = kernel_name()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    nb = str(REPO / "notebooks" / "02_generate.ipynb")
+    for extra in ({}, {"calib_target": 0.5}):  # as it is, and with a changed parameter
+        pm.execute_notebook(nb, str(tmp_path / "hand.ipynb"), kernel_name=kernel, progress_bar=False,
+                            parameters={"run_dir": str(run), "round": 0, **extra})
+        assert all(p.read_bytes() == b for p, b in before.items()), "the hand run wrote into the journal"
+    explored = sorted((run / "round_00" / "explore").iterdir())
+    assert len(explored) == 2
+    same = [d for d in explored if json.loads((d / "explore.json").read_text())["overrides"] == {}][0]
+    assert (same / "generated.jsonl").read_bytes() == (run / "round_00" / "generated.jsonl").read_bytes()
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)
+    assert r.returncode == 0 and _ran(r.stderr) == [], r.stderr[-3000:]
+    assert metrics(run) == metrics(reference)
+    pm.execute_notebook(nb, str(tmp_path / "replace.ipynb"), kernel_name=kernel, progress_bar=False,
+                        parameters={"run_dir": str(run), "round": 0, "replace": True})
+    rec = json.loads(R.marker_path(run, 0, "02_generate").read_text())
+    assert rec["by"] == "hand (replace=True)" and rec["finished"] > json.loads(before[R.marker_path(run, 0, "02_generate")])["finished"]
+    assert (run / "round_00" / "generated.jsonl").read_bytes() == before[run / "round_00" / "generated.jsonl"]
+    r = run_cli([*TINY, "--run-dir", str(run)], tmp_path)  # same rows: only 05 (reads 02's timings) runs again
+    assert r.returncode == 0 and _ran(r.stderr) == ["05_eval"], r.stderr[-3000:]
+    assert metrics(run) == metrics(reference)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from steerheal_utils import report
-from steerheal_utils.runfolder import atomic_write_json, atomic_write_jsonl
+from steerheal_utils.runfolder import STAGES, atomic_write_json, atomic_write_jsonl, marker_path
 
 
 def _stage(auth, care, coh, axis, **extra):
@@ -52,6 +52,8 @@ def _fake_run(run):
         if r == 2:
             ev["stop"] = {"reason": "healed coherence 0.35 is below coh_floor 0.5"}
         atomic_write_json(run / f"round_{r:02d}" / "eval.json", ev)
+        for s in STAGES:  # markers of finished steps (without hashes: an older version's, which still count)
+            atomic_write_json(marker_path(run, r, s), {"stage": s, "round": r})
     atomic_write_jsonl(run / "round_00" / "completions.jsonl", [{"keep": True}, {"keep": False}, {"keep": True}])
 
 
