@@ -293,7 +293,36 @@ def run_folder_tree() -> str:
     return "\n".join(f"runs/<run>/{f.ljust(width)}{what}" for f, what in rows) + "\n"
 
 
-def main() -> None:  # pragma: no cover - `python -m steerheal_utils.contract` prints the generated docs
+DOC_BLOCKS = (  # (file, begin marker, end marker, generator): the docs generated from the table
+    ("ARCHITECTURE.md", "<!-- begin contract", "<!-- end contract -->", stage_graph_markdown),
+    ("ARCHITECTURE.md", "<!-- begin run folder", "<!-- end run folder -->", lambda: "```\n" + run_folder_tree() + "```\n"),
+    ("README.md", "<!-- begin run folder", "<!-- end run folder -->", lambda: "```\n" + run_folder_tree() + "```\n"),
+)
+
+
+def write_docs(root: Path | str) -> list[Path]:
+    """Regenerate every :data:`DOC_BLOCKS` block under ``root`` in place; return the files changed."""
+    changed = []
+    for name, begin, end, make in DOC_BLOCKS:
+        p = Path(root) / name
+        text = p.read_text()
+        head, rest = text.split(begin, 1)
+        marker_line, rest = rest.split("\n", 1)
+        _, tail = rest.split(end, 1)
+        new = head + begin + marker_line + "\n" + make() + end + tail
+        if new != text:
+            p.write_text(new)
+            changed.append(p)
+    return changed
+
+
+def main() -> None:  # pragma: no cover - `python -m steerheal_utils.contract [--write]`
+    import sys
+
+    if "--write" in sys.argv[1:]:
+        for p in write_docs(Path(__file__).resolve().parent.parent):
+            print(f"rewrote {p}")
+        return
     print(stage_graph_markdown())
     print(run_folder_tree())
 

@@ -65,7 +65,9 @@ def test_inputs_resolve_rounds():
     assert contract.inputs("03_filter", 1) == [("generated", 1), ("filter_summary", 0)]
     assert contract.inputs("05_eval", 0) == [("adapter", 0), ("vector", 0), ("generate_summary", 0)]
     assert contract.inputs("05_eval", 1) == [("adapter", 0), ("adapter", 1), ("vector", 1), ("generate_summary", 1),
-                                            ("vector", 0)]
+                                            ("vector", 0), ("eval", 0), ("eval_rows", 0)]
+    assert contract.inputs("02_generate", 0) == [("vector", 0)]
+    assert contract.inputs("02_generate", 1) == [("adapter", 0), ("vector", 1), ("generate_summary", 0)]
     assert contract.allowed("05_eval", 1, "vector", 0) == "read" and contract.allowed("04_heal", 1, "adapter", 1) == "write"
     for stage, name, rnd in (("04_heal", "vector", 1), ("02_generate", "completions", 1), ("01_vector", "vector", 2)):
         with pytest.raises(contract.ContractError, match=f"{stage} does not declare '{name}'"):
