@@ -141,9 +141,9 @@ class Config:
 
     # --- 05 eval ---
     vignettes: str = knob("", "vignette JSONL (tiny-mfv schema); empty = the shipped classic set")
-    eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (faithful) or prefix (shared-prefix KV reuse, faster)", choices=("tinymfv", "prefix"))
+    eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (the tiny-mfv prompt) or prefix (options first, shared-prefix KV reuse: faster on CPU, not the tiny-mfv prompt)", choices=("tinymfv", "prefix"))
     eval_max_rows: int = knob(0, "stratified subset of vignettes; 0 = all", lo=0)
-    think_tokens: int = knob(0, "greedy 'think' tokens before the forced answer; 0 = answer directly", lo=0)
+    think_tokens: int = knob(0, "tiny-mfv think path: exactly this many greedy tokens after '<think>' (EOS and '</think>' suppressed), then '</think>', a 'Just answer' turn and the forced answer; 0 = answer directly", lo=0)
     controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (a band of random rotations of the vector, KL-matched doses)")
     controls_every_round: bool = knob(False, "evaluate the random-vector control band every round, not only round 0")
     n_controls: int = knob(8, "random-vector controls in the band (random_00...): each a random rotation of the persona vector (norms and cross-layer cosines kept) at a dose matched to the persona's KL", lo=2)

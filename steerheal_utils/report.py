@@ -32,7 +32,8 @@ from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_js
 NATS = ("care_nats", "fairness_nats", "loyalty_nats", "auth_nats", "sanctity_nats", "liberty_nats", "social_nats")
 COLUMNS = ("round", "stage", "care_nats", "auth_nats", "coherence", "axis_logodds", *NATS[1:3], *NATS[4:],
            "on_diag_authority", "on_diag_care", "agreement", "axis_care_rate", "axis_mass", "kl_to_base",
-           "vector_cosine_to_round0", "dose", "dose_flag", "n_generated", "n_kept", "n_rows", "seconds", "stop_reason")
+           "vector_cosine_to_round0", "dose", "dose_flag", "n_generated", "n_kept", "n_rows", "unscorable", "seconds",
+           "stop_reason")
 # Uncertainty and the control band (issue 12). ``<m>_lo`` / ``<m>_hi``: the paired-bootstrap interval of
 # metric m (eval.json ``ci``); ``delta_<m>`` (+ ``_lo``/``_hi``): the stage minus base with its paired
 # interval. The ``random`` row summarises the band ``random_00``...: the mean over controls, and its

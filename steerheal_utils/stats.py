@@ -67,17 +67,30 @@ def vignette_arrays(rows: Sequence[Mapping], human_top: Mapping[str, int] | None
             no agreement (NaN).
 
     Returns ``{"ids", "p" [n, 7], "mass" [n, frames], "coarse" [n] (foundation index), "hit" [n]
-    (1.0 if argmax p is the human majority, NaN if unknown)}``.
+    (1.0 if argmax p is the human majority, NaN if unknown), "valid" [n] bool}``. A row the eval
+    could not score (tiny-mfv's unscorable rows: ``p`` is None) keeps its place, so pairing by
+    index still works, with ``valid`` False and NaN values; every statistic leaves it out, as the
+    eval's own summary does.
     """
     if not rows:
         raise ValueError("vignette_arrays: no rows")
-    p = torch.tensor([r["p"] for r in rows], dtype=torch.float64)
-    mass = torch.tensor([r["mass"] for r in rows], dtype=torch.float64)
+    nan7 = [float("nan")] * len(FOUNDATIONS)
+    frames = next((len(r["mass"]) for r in rows if r.get("mass") is not None), 2)
+    p = torch.tensor([r["p"] if r.get("p") is not None else nan7 for r in rows], dtype=torch.float64)
+    mass = torch.tensor([[m if m is not None else float("nan") for m in r["mass"]] if r.get("mass") is not None
+                         else [float("nan")] * frames for r in rows], dtype=torch.float64)
+    valid = ~torch.isnan(p).any(-1)
     coarse = torch.tensor([FOUNDATIONS.index(r["foundation_coarse"]) for r in rows])
-    top = p.argmax(-1)
-    hit = torch.tensor([float(int(top[i]) == human_top[r["id"]]) if human_top and r["id"] in human_top else float("nan")
-                        for i, r in enumerate(rows)], dtype=torch.float64)
-    return {"ids": [r["id"] for r in rows], "p": p, "mass": mass, "coarse": coarse, "hit": hit}
+    top = p.nan_to_num(-1.0).argmax(-1)
+    hit = torch.tensor([float(int(top[i]) == human_top[r["id"]]) if valid[i] and human_top and r["id"] in human_top
+                        else float("nan") for i, r in enumerate(rows)], dtype=torch.float64)
+    return {"ids": [r["id"] for r in rows], "p": p, "mass": mass, "coarse": coarse, "hit": hit, "valid": valid}
+
+
+def _masked_mean(x: torch.Tensor, w: torch.Tensor, dim) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` where ``w`` is 1 (NaN where no weight): unscorable rows drop out."""
+    n = w.sum(dim)
+    return torch.where(n > 0, (x.nan_to_num(0.0) * w).sum(dim) / n.clamp_min(1), torch.full_like(n, float("nan")))
 
 
 def vignette_stats(arr: Mapping, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,17 +105,21 @@ def vignette_stats(arr: Mapping, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     resample has none), agreement.
     """
     p = arr["p"][idx]  # [B, n, 7]
-    out = {"coherence": arr["mass"][idx].mean(dim=(1, 2))}
-    profile = p.mean(1)
+    valid = arr.get("valid", torch.ones(len(arr["ids"]), dtype=torch.bool))[idx].double()  # [B, n]
+    mass = arr["mass"][idx]  # [B, n, frames]
+    out = {"coherence": _masked_mean(mass, valid[..., None].expand_as(mass), (1, 2))}
+    profile = _masked_mean(p, valid[..., None].expand_as(p), 1)
     for j, key in enumerate(NATS_KEYS):
         out[key] = profile[:, j].clamp_min(1e-300).log()
     coarse = arr["coarse"][idx]
     for f, key in (("Authority", "on_diag_authority"), ("Care", "on_diag_care")):
         j = FOUNDATIONS.index(f)
-        w = (coarse == j).double()
-        n = w.sum(1)
-        out[key] = torch.where(n > 0, (p[..., j] * w).sum(1) / n.clamp_min(1), torch.full_like(n, float("nan")))
-    out["agreement"] = arr["hit"][idx].mean(1)
+        out[key] = _masked_mean(p[..., j], (coarse == j).double() * valid, 1)
+    hit = arr["hit"][idx]
+    known = (~torch.isnan(hit)).double()
+    # all rows' humans known (the shipped set): NaN agreement only when some row's is unknown, as in summarize
+    out["agreement"] = torch.where((known.sum(1) == valid.sum(1)), _masked_mean(hit, known, 1),
+                                   torch.full_like(valid.sum(1), float("nan")))
     return out
 
 
@@ -119,7 +136,7 @@ def align(arr: Mapping, ids: Sequence[str]) -> dict | None:
     if len(ids) != len(pos) or any(i not in pos for i in ids):
         return None
     order = torch.tensor([pos[i] for i in ids])
-    return {"ids": list(ids), **{k: arr[k][order] for k in ("p", "mass", "coarse", "hit")}}
+    return {"ids": list(ids), **{k: arr[k][order] for k in ("p", "mass", "coarse", "hit", "valid") if k in arr}}
 
 
 def stage_samples(arr: Mapping | None, items: Sequence[float] | None, vig_idx: torch.Tensor | None,

@@ -338,6 +338,100 @@ def steering_slots(model: nn.Module, layers: Sequence[int] | None = None) -> Ite
                     delattr(blocks[i], attr)
 
 
+POSITIONS = ("all", "generated")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """How a vector is applied: which vector, how much, where, and how the dose decays.
+
+    Positions are counted from the assistant tag (the last prompt token, where the vector was
+    read): ``g = sequence index - tag index``, so ``g < 0`` is the prompt before the tag,
+    ``g = 0`` the tag and ``g > 0`` everything after it (generated tokens; in the eval the
+    prefill, the think tokens and the forced answer suffix). The vector is added at ``g``
+    with the multiplier::
+
+        dose * [g >= 0 if positions == "generated" else 1] * 0.5 ** (max(g, 0) / halflife)
+
+    (no decay when ``halflife == 0``), in units of each layer's median residual norm. This is
+    what generation (02) applies, and what the eval (05) applies to every forward it runs.
+
+    Example:
+        >>> spec = Steering(None, 0.0)
+        >>> spec.is_noop, spec.is_constant
+        (True, True)
+        >>> Steering(None, 0.2, positions="generated", halflife=2).scale(torch.tensor([-1, 0, 2, 4])).tolist()
+        [0.0, 0.20000000298023224, 0.10000000149011612, 0.05000000074505806]
+    """
+
+    vector: SteeringVector | None
+    dose: float = 0.0
+    positions: str = "all"
+    halflife: int = 0
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be 'all' or 'generated', got {self.positions!r}")
+        if not math.isfinite(self.dose):
+            raise ValueError(f"dose must be finite, got {self.dose}")
+        if self.halflife < 0:
+            raise ValueError(f"halflife must be >= 0 (0 = constant dose), got {self.halflife}")
+
+    @property
+    def is_noop(self) -> bool:
+        """Nothing is added (no vector or dose 0): the model computes exactly what it does unsteered."""
+        return self.vector is None or self.dose == 0
+
+    @property
+    def is_constant(self) -> bool:
+        """The same dose at every position: the fast path (one buffer per layer, compile-friendly)."""
+        return self.positions == "all" and self.halflife == 0
+
+    def scale(self, gen_pos: torch.Tensor) -> torch.Tensor:
+        """float32 multipliers of the unit-dose vector at positions ``gen_pos`` (relative to the tag)."""
+        s = torch.full(gen_pos.shape, float(self.dose), device=gen_pos.device)
+        if self.positions == "generated":
+            s = s * (gen_pos >= 0)
+        if self.halflife > 0:
+            s = s * torch.pow(0.5, gen_pos.clamp(min=0).to(torch.float32) / self.halflife)
+        return s
+
+
+def _add_scaled(h: torch.Tensor, add: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``h + scale * add`` for hidden states ``[rows, seq, d]`` and multipliers ``[seq]`` or ``[rows, seq]``."""
+    scale = scale.to(h.dtype)
+    return h + (scale[None, :, None] if scale.ndim == 1 else scale[:, :, None]) * add
+
+
+def _check_layers(blocks: nn.ModuleList, vector: SteeringVector) -> None:
+    for layer in vector.layers:
+        if layer >= len(blocks):
+            raise ValueError(f"vector has layer {layer} but the model has {len(blocks)} layers: wrong model?")
+
+
+@contextlib.contextmanager
+def _position_hooks(blocks: nn.ModuleList, spec: Steering, gen_pos_of) -> Iterator[None]:
+    """Hooks adding ``spec.scale(g) * v_L`` where ``g = gen_pos_of(layer, seq_len, device)``; removed on exit."""
+    handles = []
+
+    def make(layer: int):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            g = gen_pos_of(layer, h.shape[1], h.device)
+            add = spec.vector.added(layer, 1.0).to(h.device, h.dtype)
+            h2 = _add_scaled(h, add, spec.scale(g))
+            return (h2, *out[1:]) if isinstance(out, tuple) else h2
+        return hook
+
+    try:
+        for layer in spec.vector.layers:
+            handles.append(blocks[layer].register_forward_hook(make(layer)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, positions: str = "all",
           halflife: int = 0, prompt_len: int | None = None) -> Iterator[None]:
@@ -350,9 +444,12 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
         positions: ``"all"`` adds at every position, prompt included; ``"generated"`` from the
             assistant tag on (the last prompt position, where the vector was read, and every
             generated token).
-        halflife: generated tokens over which the dose halves (0 = constant).
+        halflife: generated tokens over which the dose halves (0 = constant); see :class:`Steering`.
         prompt_len: length of the (padded) prompt. Defaults to the length of the first forward
-            call, which is the prompt when used around ``generate`` with a KV cache.
+            call, which is the prompt when used around ``generate`` with a KV cache. Positions
+            are counted across calls (one KV-cached decoding run), so the tag is column
+            ``prompt_len - 1`` of every row (left padding). For forwards whose rows have their
+            tag elsewhere use :func:`steering`.
 
     ``positions="all"`` with ``halflife=0`` (the default) takes a fast path: a preallocated
     buffer per layer added at every position, with no per-call Python state, so it also works
@@ -360,52 +457,76 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
     all and only writes the buffers. The other settings count positions in Python (eager only).
     The hooks are removed on exit, also when the body raises.
     """
-    if positions not in ("all", "generated"):
-        raise ValueError(f"positions must be 'all' or 'generated', got {positions!r}")
-    if not math.isfinite(dose):
-        raise ValueError(f"dose must be finite, got {dose}")
-    if vector is None or dose == 0:
+    spec = Steering(vector, dose, positions, halflife)
+    if spec.is_noop:
         yield
         return
     blocks = get_layers(model)
-    for layer in vector.layers:
-        if layer >= len(blocks):
-            raise ValueError(f"vector has layer {layer} but the model has {len(blocks)} layers: wrong model?")
-    if positions == "all" and halflife == 0:
+    _check_layers(blocks, vector)
+    if spec.is_constant:
         with _steer_fast(blocks, vector, dose, _hidden_dtype(model)):
             yield
         return
-    handles = []
-    state = {layer: 0 for layer in vector.layers}  # positions seen so far, per layer (KV-cached decoding)
+    seen = {layer: 0 for layer in vector.layers}  # positions seen so far, per layer (KV-cached decoding)
     plen = {"n": prompt_len}
 
-    def make(layer: int):
-        def hook(_mod, _inp, out):
-            h = out[0] if isinstance(out, tuple) else out
-            seq = h.shape[1]
-            start = state[layer]
-            state[layer] += seq
-            if plen["n"] is None:
-                plen["n"] = seq
-            add = vector.added(layer, 1.0).to(h.device, h.dtype)
-            t = torch.arange(start, start + seq, device=h.device)
-            gen_pos = (t - (plen["n"] - 1)).clamp(min=0).to(torch.float32)  # 0 at the assistant tag
-            scale = torch.full((seq,), float(dose), device=h.device)
-            if positions == "generated":
-                scale = scale * (t >= plen["n"] - 1)
-            if halflife > 0:
-                scale = scale * torch.pow(0.5, gen_pos / halflife)
-            h2 = h + scale.to(h.dtype)[None, :, None] * add
-            return (h2, *out[1:]) if isinstance(out, tuple) else h2
-        return hook
+    def gen_pos_of(layer: int, seq: int, device) -> torch.Tensor:
+        start = seen[layer]
+        seen[layer] += seq
+        if plen["n"] is None:
+            plen["n"] = seq
+        return torch.arange(start, start + seq, device=device) - (plen["n"] - 1)  # 0 at the assistant tag
 
-    try:
-        for layer in vector.layers:
-            handles.append(blocks[layer].register_forward_hook(make(layer)))
+    with _position_hooks(blocks, spec, gen_pos_of):
         yield
-    finally:
-        for h in handles:
-            h.remove()
+
+
+class PositionsNotSet(RuntimeError):
+    """A forward ran inside :func:`steering` without its positions (``at(gen_pos)``) being given first."""
+
+
+@contextlib.contextmanager
+def steering(model: nn.Module, spec: Steering | None) -> Iterator:
+    """Apply ``spec`` to every forward inside the block, with positions given per forward.
+
+    Yields ``at``: call ``at(gen_pos)`` before each forward, with the position of each of that
+    forward's tokens relative to its row's assistant tag (``[rows, seq]``, or ``[seq]`` for all
+    rows; see :class:`Steering`). Rows may have their tags in different columns (right-padded
+    rests after a shared prefix) and a forward may start after the tag (KV-cached decoding).
+
+    A constant spec (``positions="all"``, ``halflife=0``) takes :func:`steer`'s fast path
+    (persistent slots where present, bit-identical to ``steer(model, vector, dose)``) and ``at``
+    does nothing; a no-op spec (``None``, no vector or dose 0) adds nothing at all. Otherwise a
+    forward whose positions were not given (or were given for another length) raises
+    :class:`PositionsNotSet` instead of steering the wrong tokens. Hooks are removed on exit,
+    also when the body raises.
+
+    Example:
+        >>> with steering(model, Steering(sv, 0.1, "generated", 32)) as at:   # doctest: +SKIP
+        ...     at(torch.arange(ids.shape[1]) - tag)
+        ...     logits = model(input_ids=ids).logits
+    """
+    if spec is None or spec.is_noop or spec.is_constant:
+        with steer(model, spec.vector if spec else None, spec.dose if spec else 0.0):
+            yield lambda gen_pos: None
+        return
+    blocks = get_layers(model)
+    _check_layers(blocks, spec.vector)
+    state: dict = {"g": None, "used": set()}
+
+    def at(gen_pos: torch.Tensor) -> None:
+        state["g"], state["used"] = torch.as_tensor(gen_pos), set()
+
+    def gen_pos_of(layer: int, seq: int, device) -> torch.Tensor:
+        g = state["g"]
+        if g is None or layer in state["used"] or g.shape[-1] != seq:
+            raise PositionsNotSet("steering(): call at(gen_pos) with this forward's positions (relative to the "
+                                  f"assistant tag) before each forward (layer {layer}, {seq} positions)")
+        state["used"].add(layer)
+        return g.to(device)
+
+    with _position_hooks(blocks, spec, gen_pos_of):
+        yield at
 
 
 @contextlib.contextmanager

@@ -115,3 +115,20 @@ def test_mean_over_seeds_averages_per_resample():
     b = {"x": torch.tensor([3.0, 5.0])}
     assert torch.equal(stats.mean_over_seeds([a, b])["x"], torch.tensor([2.0, 4.0]))
     assert set(stats.mean_over_seeds([a, b])) == {"x"}
+
+
+def test_unscorable_rows_drop_out_of_every_statistic_but_keep_their_place():
+    # tiny-mfv's unscorable rows carry p = None: the statistics are those of the scorable rows alone,
+    # and the row keeps its index so a paired resample still lines up with the other model's rows
+    good = [{"id": f"v{i}", "foundation_coarse": "Care", "p": [0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], "mass": [0.5, 0.7]}
+            for i in range(3)]
+    bad = {"id": "vx", "foundation_coarse": "Care", "p": None, "mass": None}
+    human = {r["id"]: 0 for r in good + [bad]}
+    with_bad = stats.vignette_arrays(good + [bad], human)
+    alone = stats.vignette_arrays(good, human)
+    assert with_bad["valid"].tolist() == [True, True, True, False]
+    a = stats.vignette_stats(with_bad, torch.arange(4)[None])
+    b = stats.vignette_stats(alone, torch.arange(3)[None])
+    for k in b:
+        assert torch.allclose(a[k], b[k], equal_nan=True), k
+    assert a["agreement"].item() == 1.0 and abs(a["coherence"].item() - 0.6) < 1e-12
