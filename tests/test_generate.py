@@ -355,9 +355,13 @@ def test_reused_dose_that_keeps_less_is_flagged_and_warnings_name_every_flag(cap
     line = G.dose_warning(summary)
     assert line.startswith("warning: round 02 dose 0.05 (round0): reused_keeps_less")
     assert G.dose_warning({"round": 0, "dose": 0.1, "dose_source": "calibrated", "dose_flags": []}) is None
-    (tmp_path / "generate.json").write_text(__import__("json").dumps(summary))
-    assert G.warn_dose(tmp_path) == line and line in capsys.readouterr().err
-    assert G.warn_dose(tmp_path / "nowhere") is None
+    from steerheal_utils import contract
+
+    where = contract.path(tmp_path, 2, "generate_summary")
+    where.parent.mkdir(parents=True)
+    where.write_text(__import__("json").dumps(summary))
+    assert G.warn_dose(tmp_path, 2) == line and line in capsys.readouterr().err
+    assert G.warn_dose(tmp_path / "nowhere", 2) is None
     low = G.calibrate_dose(*_quantile_probes(lambda d: 0.8 if d == 0 else 0.2)[:2], lo=0.01, hi=0.5, grid=3, n=10,
                            n_boot=20)
     rec = {"round": 0, "dose": low.dose, "dose_source": "calibrated", "calibration": low.record(),
@@ -395,8 +399,10 @@ def test_driver_prints_the_dose_warning_after_02(tmp_path):
     write_nb(nbs / "02_generate.ipynb",
              "from steerheal_utils import stage\nfrom steerheal_utils.runfolder import atomic_write_json\n"
              "ctx = stage.open_stage('02_generate', globals())\n"
-             "atomic_write_json(ctx.path('generate.json'), {'round': ctx.round, 'dose': 0.005, "
-             "'dose_source': 'calibrated', 'dose_flags': ['below_target', 'at_lower_bound']})")
+             "atomic_write_json(ctx.artifact('generate_summary'), {'round': ctx.round, 'dose': 0.005, "
+             "'dose_source': 'calibrated', 'dose_flags': ['below_target', 'at_lower_bound']})\n"
+             "for name in ('generated', 'calibration'):  # the other declared outputs of 02\n"
+             "    ctx.artifact(name).write_text('')")
     env = {**os.environ, "STEERHEAL_NOTEBOOKS": str(nbs), "STEERHEAL_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "steerheal_utils", "run", "--preset", "tiny", "--rounds", "1",
                         "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)

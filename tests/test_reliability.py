@@ -369,8 +369,10 @@ def test_sealed_records_hold_and_a_missing_output_is_named(tmp_path):
     (run / "round_00" / "eval.json").unlink()
     st = markers.Checker(run).status(0, "05_eval")
     assert (st.state, st.reason) == ("broken", "round_00/eval.json is missing")
-    # round 1 was not built on round 0's eval: it still holds, round 0 is left out of the report
-    assert markers.rounds_that_hold(run) == [1]
+    # round 1's eval was built on round 0's (its deltas pair with round 0's base rows), so it no
+    # longer holds either: neither round reaches the report
+    assert markers.rounds_that_hold(run) == []
+    assert markers.Checker(run).status(1, "05_eval").state == "stale"
 
 
 def test_a_changed_file_makes_what_was_built_on_it_stale(tmp_path):
