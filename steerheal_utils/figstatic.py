@@ -511,7 +511,7 @@ class _Drawer:
             vals = [v for v in vals if math.isfinite(v)]
             if not vals:
                 continue
-            p.ax.boxplot([vals], positions=[at], widths=0.5, vert=vert, patch_artist=True, manage_ticks=False,
+            p.ax.boxplot([vals], positions=[at], widths=0.5, **_box_orientation(vert), patch_artist=True, manage_ticks=False,
                          whis=1.5, showfliers=t.get("boxpoints", "outliers") is not False,
                          boxprops=dict(facecolor=fill, edgecolor=color, lw=2 * PT),
                          medianprops=dict(color=color, lw=2 * PT), whiskerprops=dict(color=color, lw=2 * PT),
@@ -536,7 +536,7 @@ class _Drawer:
         if t.get("reversescale"):
             scale = [[1 - s, c] for s, c in reversed(scale)]
         cmap = LinearSegmentedColormap.from_list("plotly", [(float(s), rgba(c)) for s, c in scale])
-        cmap.set_bad((0, 0, 0, 0))
+        cmap = cmap.with_extremes(bad=(0, 0, 0, 0))  # a missing value shows the background
         finite = z[np.isfinite(z)]
         vmin = t.get("zmin", float(finite.min()) if finite.size else 0.0)
         vmax = t.get("zmax", float(finite.max()) if finite.size else 1.0)
@@ -968,6 +968,16 @@ def _two_lines(text: str) -> str:
         return text
     j = min(spaces, key=lambda k: abs(k - len(text) / 2))
     return text[:j] + "\n" + text[j + 1:]
+
+
+def _box_orientation(vert: bool) -> dict:
+    """boxplot's orientation keyword: ``orientation`` from matplotlib 3.10 on, ``vert`` before."""
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    if (major, minor) >= (3, 10):
+        return {"orientation": "vertical" if vert else "horizontal"}
+    return {"vert": vert}
 
 
 def _within(v: float, lim: tuple[float, float]) -> bool:
