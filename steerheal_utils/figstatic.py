@@ -358,7 +358,8 @@ class _Drawer:
 
     # ---- traces
     def draw_traces(self, traces: list[dict]) -> list[tuple[Any, str]]:
-        legend: list[tuple[Any, str]] = []
+        """Draw every trace; return the legend's (handle, label) pairs in plotly's order."""
+        legend: list[tuple[int, Any, str]] = []
         bars: dict[tuple[str, str], list[tuple[int, dict]]] = {}
         prev_y: dict[tuple[str, str], tuple[list, list]] = {}
         for i, t in enumerate(traces):
@@ -372,26 +373,22 @@ class _Drawer:
                 self.skip(f"{kind} trace")
                 continue
             key = (t.get("xaxis") or "x", t.get("yaxis") or "y")
-            p = self.panels[key]
             t = merged((self.tdata.get(kind) or [{}])[0], t)
             if kind in ("bar", "histogram"):
                 bars.setdefault(key, []).append((i, t))
                 continue
-            handle = getattr(self, f"draw_{'scatter' if kind == 'scattergl' else kind}")(p, t, i, prev_y.setdefault(key, ([], [])))
+            draw = getattr(self, f"draw_{'scatter' if kind == 'scattergl' else kind}")
+            handle = draw(self.panels[key], t, i, prev_y.setdefault(key, ([], [])))
             if handle is not None and self.in_legend(t):
-                legend.append((handle, str(t.get("name", f"trace {i}"))))
+                legend.append((i, handle, str(t.get("name", f"trace {i}"))))
         for key, items in bars.items():
             for i, t, handle in self.draw_bars(self.panels[key], items):
                 if self.in_legend(t):
-                    legend.append((handle, str(t.get("name", f"trace {i}"))))
-        order = sorted(range(len(legend)), key=lambda j: self.legend_rank(traces, legend[j][1]))
-        return [legend[j] for j in order]
-
-    def legend_rank(self, traces: list[dict], name: str) -> int:
-        """Stacked bars list top-down in plotly's legend (its traceorder is then reversed)."""
-        idx = next((i for i, t in enumerate(traces) if str(t.get("name", "")) == name), 0)
-        stacked = self.lay("barmode") in ("stack", "relative") and any(t.get("type") in ("bar", "histogram") for t in traces)
-        return -idx if stacked else idx
+                    legend.append((i, handle, str(t.get("name", f"trace {i}"))))
+        # plotly lists stacked bars top-down: its legend order is then reversed
+        stacked = self.lay("barmode") in ("stack", "relative") and bool(bars)
+        legend.sort(key=lambda e: -e[0] if stacked else e[0])
+        return [(h, name) for _, h, name in legend]
 
     def in_legend(self, t: dict) -> bool:
         return t.get("showlegend") is not False and t.get("type") != "heatmap"
@@ -569,10 +566,11 @@ class _Drawer:
             if t.get("type") == "histogram":
                 horiz = t.get("x") is None and t.get("y") is not None
                 hist_data.setdefault(horiz, []).extend(floats(t.get("y") if horiz else t.get("x")))
-        edges = {h: bin_edges(v, next(((t.get("ybins") if h else t.get("xbins")) for _, t in items
-                                       if t.get("type") == "histogram" and (t.get("ybins") if h else t.get("xbins"))), None),
-                               next(((t.get("nbinsy") if h else t.get("nbinsx")) for _, t in items
-                                     if t.get("type") == "histogram" and (t.get("nbinsy") if h else t.get("nbinsx"))), None))
+
+        def first(key: str) -> Any:  # histograms of one subplot share their bins, as in plotly
+            return next((t[key] for _, t in items if t.get("type") == "histogram" and t.get(key)), None)
+
+        edges = {h: bin_edges(v, first("ybins" if h else "xbins"), first("nbinsy" if h else "nbinsx"))
                  for h, v in hist_data.items()}
         for i, t in items:
             if t.get("type") == "histogram":
