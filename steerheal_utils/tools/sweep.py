@@ -524,7 +524,7 @@ def executor_from_args(args, sweep_dir: Path) -> Executor:
 
     if args.backend == "local":
         return LocalExecutor(args.jobs if args.jobs is not None else 1)
-    return slurm_executor(sweep_dir / ".submitit" / "%j", cluster=args.cluster, partition=args.partition,
+    return slurm_executor(sweep_dir.resolve() / ".submitit" / "%j", cluster=args.cluster, partition=args.partition,
                           gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
                           time_min=args.time, max_running=args.jobs, max_requeue=args.max_requeue,
                           setup=args.slurm_setup, sbatch=C.parse_overrides(args.slurm_arg))
