@@ -26,14 +26,13 @@ import re
 import unicodedata
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from . import config as C
+
 __all__ = [
-    "DEFAULT_PERSONA_POS",
-    "DEFAULT_PERSONA_NEG",
     "DROP_REASONS",
     "MODEL_SCORE_KEYS",
     "FilterThresholds",
@@ -54,8 +53,6 @@ __all__ = [
     "browser",
 ]
 
-DEFAULT_PERSONA_POS = "someone who looks after others' wellbeing even when it means defying authority"
-DEFAULT_PERSONA_NEG = "someone who defers to authority even when others' wellbeing suffers for it"
 
 # Checked in this order; the first that fires is the reason. Unambiguous content failures
 # (nothing there, a refusal, persona narration) come before shape failures, and the specific
@@ -89,45 +86,22 @@ MODEL_SCORE_KEYS: tuple[str, ...] = (
 )
 
 
-@dataclass
-class FilterThresholds:
-    """Gates of `decide`. A completion is dropped when a score crosses its gate."""
+THRESHOLD_KEYS: tuple[str, ...] = tuple(k for k in C.section_keys("filter") if k != "min_train")
+"""The gates: every knob of the config's ``filter`` section but ``min_train`` (a stop rule, not a gate)."""
 
-    strict: bool = True  # all gates; False = only the precursor's (ablation, random-init models)
-    min_words: int = 8  # fewer words than this is "empty" (strict mode; otherwise 1)
-    max_ngram_repeat: float = 0.3  # word 3-gram repeat fraction (the precursor's gate)
-    max_bigram_repeat: float = 0.45  # word 2-gram repeat fraction (drifting loops keep bigrams)
-    max_char_repeat: float = 0.5  # character 12-gram repeat fraction
-    max_compression_ratio: float = 3.0  # raw bytes / zlib bytes; loops compress well
-    max_lrs_frac: float = 0.2  # longest repeated substring as a fraction of the text
-    min_window_distinct: float = 0.5  # min distinct-1 over any 40-word window
-    max_tail_repeat: float = 0.5  # 3-gram repeat fraction within the last 40% of words
-    max_affect: float = 0.22  # max fraction of affect words (oh, darling, please...) in a window
-    max_exclaim_rate: float = 0.12  # exclamation marks per word
-    max_nonword_frac: float = 0.2  # fraction of whitespace tokens that are not clean words
-    max_script_mix: float = 0.05  # fraction of letters outside the dominant script
-    min_function_frac: float = 0.18  # min fraction of function words in any 40-word window
-    max_drift: float = 0.5  # fraction of clauses whose skeleton closely matches an earlier one
-    narration_overlap: float = 0.6  # persona word overlap of a self-describing sentence
-    narration_paraphrase: float = 0.8  # persona word overlap of any sentence (a near paraphrase)
-    max_boilerplate_hits: int = 2  # this many boilerplate phrases or more is "boilerplate"
-    min_prompt_overlap: float = 0.1  # fraction of the prompt's content words the completion uses
-    max_tail_ppl: float = 50.0  # base-model perplexity over the completion's tail
-    max_entropy_collapse: float = 0.15  # fraction of positions both low-entropy and repeated
-    tail_frac: float = 0.25  # fraction of completion tokens that counts as the tail
-    entropy_floor: float = 2.0  # entropy (nats) under which the base model counts as certain
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "FilterThresholds":
-        """Build from any object carrying attributes of the same names; missing ones default.
+def _from_config(cls, cfg: Any) -> "FilterThresholds":
+    """Build from any object carrying attributes of the same names; missing ones default."""
+    return cls(**{k: getattr(cfg, k, C.default(k)) for k in THRESHOLD_KEYS})
 
-        The central config can then hold these keys flat (no "filter_" prefix) and any subset.
-        """
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            kwargs[f.name] = getattr(cfg, f.name, default)
-        return cls(**kwargs)
+
+FilterThresholds = dataclasses.make_dataclass(
+    "FilterThresholds",
+    [(k, C.knob_field(k).type, dataclasses.field(default=C.default(k))) for k in THRESHOLD_KEYS],
+    namespace={"from_config": classmethod(_from_config),
+               "__doc__": "Gates of `decide`: the config's filter knobs (same names, defaults and help: "
+                          "`steerheal config`). A completion is dropped when a score crosses its gate."})
+FilterThresholds.__module__ = __name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +404,8 @@ def _persona_overlaps(text: str, persona_pos: str, persona_neg: str) -> tuple[fl
 def text_scores(
     completion: str,
     *,
-    persona_pos: str = DEFAULT_PERSONA_POS,
-    persona_neg: str = DEFAULT_PERSONA_NEG,
+    persona_pos: str = C.POS_PERSONA,
+    persona_neg: str = C.NEG_PERSONA,
     window: int = 40,
 ) -> dict[str, float | bool | int]:
     """Model-free signals of one completion.
@@ -767,8 +741,8 @@ def filter_rows(
     tokenizer: Any = None,
     prompts: list[str] | None = None,
     *,
-    persona_pos: str = DEFAULT_PERSONA_POS,
-    persona_neg: str = DEFAULT_PERSONA_NEG,
+    persona_pos: str = C.POS_PERSONA,
+    persona_neg: str = C.NEG_PERSONA,
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """Score and decide every row; returns new dicts with all scores, "reason" and "keep".

@@ -46,79 +46,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import section_keys
+from .kl import AGGREGATES, aggregate_kl
+from .kl import kl as kl_between
 from .models import get_layers, left_pad, model_device, render_prompt
 
-AGGREGATES = ("mean", "rmse", "p95", "max")
-HEAL_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layer_lo", "lora_layer_hi", "reg",
-             "kl_dir", "kl_agg", "kl_ref", "lam", "lam_round_pow", "tau", "tau_mode", "tau_quantile",
-             "weight_decay", "wd_strength", "lr", "beta1", "beta2", "warmup_frac", "epochs",
-             "train_batch_size", "grad_clip", "max_seq_len", "kl_chunk", "q1_prompts")
+HEAL_KEYS = section_keys("heal")  # heal.json "config"; what the eval's fingerprint leaves out
 # decide() reasons that mean "the text loops or falls apart" (the Q1 loop detector)
 LOOP_REASONS = ("degenerate_loop", "affect_loop", "token_soup", "drift", "repetition", "entropy_collapse")
 
 
 # ------------------------------------------------------------------ maths (pure)
 def position_kl(logp_s: torch.Tensor, logp_r: torch.Tensor, direction: str = "reverse") -> torch.Tensor:
-    """Per-row KL between two log-distributions over the last dim.
-
-    Args:
-        logp_s, logp_r: ``[..., V]`` log-probabilities of student and reference (float32).
-        direction: ``reverse`` = KL(student || ref) = sum p_s (log p_s - log p_r);
-            ``forward`` = KL(ref || student).
-
-    Returns ``[...]``, clamped at 0 (rounding can give -1e-7).
-    """
-    if direction == "reverse":
-        kl = (logp_s.exp() * (logp_s - logp_r)).sum(-1)
-    elif direction == "forward":
-        kl = (logp_r.exp() * (logp_r - logp_s)).sum(-1)
-    else:
-        raise ValueError(f"kl_dir must be 'reverse' or 'forward', got {direction!r}")
-    return kl.clamp_min(0.0)
-
-
-def aggregate_kl(kl: torch.Tensor, mask: torch.Tensor, how: str = "rmse") -> torch.Tensor:
-    """Aggregate per-position KL into one number per sequence, over its masked positions only.
-
-    Args:
-        kl: ``[batch, seq]`` per-position KL (any float dtype; computed in float32).
-        mask: ``[batch, seq]`` bool/0-1, True at completion positions.
-        how: ``mean``; ``rmse`` = sqrt(mean kl^2); ``p95`` = 95th percentile with linear
-            interpolation (as ``torch.quantile``); ``max``.
-
-    Returns ``[batch]`` float32; 0 for a row without masked positions. Differentiable.
-
-    Example: a 4-token loop in a 60-token completion, KL 0 except 2, 4, 6, 8 at the loop, gives
-    mean 0.33 < rmse 1.41 < p95 2.1 < max 8: the spikes dominate every aggregate but the mean.
-    """
-    if kl.shape != mask.shape or kl.dim() != 2:
-        raise ValueError(f"kl and mask must both be [batch, seq], got {tuple(kl.shape)} and {tuple(mask.shape)}")
-    k = kl.float()
-    m = mask.bool()
-    n = m.sum(-1)
-    nz = n.clamp_min(1).to(k.dtype)
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    if how == "mean":
-        out = torch.where(m, k, zero).sum(-1) / nz
-    elif how == "rmse":
-        ms = torch.where(m, k * k, zero).sum(-1) / nz
-        out = ms.clamp_min(1e-30).sqrt() * (n > 0)  # clamp: finite gradient at exactly 0
-    elif how == "max":
-        out = torch.where(m, k, torch.full_like(k, -math.inf)).amax(-1)
-        out = torch.where(n > 0, out, zero)
-    elif how == "p95":
-        # Masked positions sort to the end (+inf); the valid ones are the first n of each row.
-        srt = torch.where(m, k, torch.full_like(k, math.inf)).sort(-1).values
-        pos = 0.95 * (n - 1).clamp_min(0).to(k.dtype)
-        lo = pos.floor().long()
-        hi = pos.ceil().long()
-        v_lo = srt.gather(-1, lo[:, None]).squeeze(-1)
-        v_hi = srt.gather(-1, hi[:, None]).squeeze(-1)
-        out = v_lo + (pos - lo.to(k.dtype)) * (v_hi - v_lo)
-        out = torch.where(n > 0, out, zero)
-    else:
-        raise ValueError(f"kl_agg must be one of {AGGREGATES}, got {how!r}")
-    return out
+    """Per-position KL of student and reference (:func:`steerheal_utils.kl.kl`), clamped at 0
+    (rounding can give -1e-7)."""
+    return kl_between(logp_s, logp_r, direction).clamp_min(0.0)
 
 
 def barrier_weight(lam: float, n_baked: int, power: float) -> float:
