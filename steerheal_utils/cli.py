@@ -2,7 +2,7 @@
 
 Subcommands: ``run`` (the loop), ``eval`` (score any model/adapter stack), ``report``
 (re-plot a run folder), ``bench`` (stage timings vs naive references), ``study`` (the
-matched-controls study), ``config`` (list every knob).
+matched-controls study), ``sweep`` (a grid of runs, local or on Slurm), ``config`` (list every knob).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, helptext in (("eval", "evaluate", "evaluate a model / adapter stack on the vignettes and the axis probe"),
                                    ("report", "report", "write report.html and trajectory.png for a run folder"),
                                    ("bench", "bench", "time each stage against its naive reference"),
-                                   ("study", "study", "run the matched-controls study and regenerate its outputs")):
+                                   ("study", "study", "run the matched-controls study and regenerate its outputs"),
+                                   ("sweep", "tools.sweep", "run a grid of runs (local or Slurm) and show where each stands")):
         mod = importlib.import_module(f"steerheal_utils.{module}")
         sp = sub.add_parser(name, help=helptext)
         mod.add_cli(sp)  # each module declares its arguments and sets func

@@ -279,7 +279,8 @@ def _seal_when_done(ctx: StageContext) -> None:
 
 
 def _plotly_renderer() -> None:
-    """Store figures as plotly JSON in executed notebooks (JupyterLab renders it offline).
+    """Store figures as plotly JSON in executed notebooks (JupyterLab renders it offline), with a
+    static copy (PNG, or HTML for tables: see figstatic) for readers without a kernel.
 
     Embedding plotly.js in every figure would make each executed notebook several MB; the
     run's report.html carries the library once. STEERHEAL_PLOTLY_RENDERER overrides.
@@ -288,4 +289,6 @@ def _plotly_renderer() -> None:
         import plotly.io as pio
     except ImportError:
         return
-    pio.renderers.default = os.environ.get("STEERHEAL_PLOTLY_RENDERER", "plotly_mimetype")
+    from .figstatic import register
+
+    pio.renderers.default = os.environ.get("STEERHEAL_PLOTLY_RENDERER", register())
