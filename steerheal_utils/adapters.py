@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from peft import PeftModel
+from safetensors import safe_open
 from torch import nn
+
+from .contract import path
+from .runfolder import RunFolderError, marker_path
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -45,10 +50,6 @@ def check_adapter_dir(d: Path | str) -> Path:
     Reading the header catches a truncated file; reading the tensors catches NaN/inf.
     Raises RunFolderError naming the file.
     """
-    from safetensors import safe_open
-
-    from .runfolder import RunFolderError
-
     d = Path(d)
     weights = d / ADAPTER_WEIGHTS
     if not (d / "adapter_config.json").is_file():
@@ -69,9 +70,6 @@ def check_adapter_dir(d: Path | str) -> Path:
 
 def adapter_dirs(run_dir: Path | str, rnd: int) -> list[Path]:
     """Adapter folders of rounds ``0..rnd-1``, checked to exist, be complete and be finite."""
-    from .contract import path
-    from .runfolder import RunFolderError, marker_path
-
     out = []
     for i in range(rnd):
         d = path(run_dir, i, "adapter")
@@ -105,9 +103,6 @@ def bake_adapters(model: nn.Module, dirs: Sequence[Path | str], *, merge: bool =
     """
     if not dirs:
         return model
-    from peft import PeftModel
-
-    from .runfolder import RunFolderError
 
     for d in dirs:
         check_adapter_dir(d)

@@ -8,8 +8,11 @@ context for either (``ctx.base()``, ``ctx.student()``), which calls these.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig,
+                          PreTrainedTokenizerFast)
 
 from . import datafiles, embedded
 from .adapters import adapter_dirs, bake_adapters
@@ -46,8 +49,6 @@ def shipped_tokenizer(arch: str = "llama"):
     ``gemma3`` adds Gemma's turn tokens as special tokens and uses Gemma 3's own chat
     template, so prompt rendering and the assistant-tag search are exercised on it.
     """
-    from transformers import PreTrainedTokenizerFast
-
     d = datafiles.path("tokenizers", "smollm2")
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(d / "tokenizer.json"), bos_token="<|im_start|>", eos_token="<|im_end|>",
@@ -70,8 +71,6 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, hidden: in
     Example:
         >>> model, tok = tiny_model("gemma3", seed=1)   # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
-
     tok = shipped_tokenizer(arch)
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -136,7 +135,6 @@ def check_model(name: str, *, trust_remote_code: bool = False) -> None:
     path = _model_path(name)
     if name == embedded.NAME:
         return
-    from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -157,7 +155,6 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
         model, tok = tiny_model(_tiny_arch(name), seed=seed)
         return model.to(dev, resolve_dtype(dtype, dev) if dtype != "auto" else torch.float32), tok
     path = _model_path(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -214,9 +211,14 @@ def n_layers(model: nn.Module) -> int:
 # ------------------------------------------------------------------ the model at round k
 
 
+def load_base(cfg):
+    """``(model, tokenizer)``: the config's base model (``model``, ``dtype``, ``device``, ``trust_remote_code``)."""
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+
+
 def load_round_model(cfg, run_dir: Path | str | None, rnd: int, *, merge: bool = False):
-    """``(model, tokenizer)`` for round ``rnd``: the base with rounds ``0..rnd-1`` baked in."""
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    """``(model, tokenizer)`` for round ``rnd`` (the student): the base with rounds ``0..rnd-1`` baked in."""
+    model, tok = load_base(cfg)
     dirs = adapter_dirs(run_dir, rnd) if run_dir is not None else []
     return bake_adapters(model, dirs, merge=merge), tok
 

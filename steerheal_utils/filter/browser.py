@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any, Sequence
 
 from .gates import GATES
@@ -14,7 +15,6 @@ def browser(rows: Sequence[dict[str, Any]]) -> Any:
         import ipywidgets as W
     except ImportError:
         return None
-    import html
 
     rows = list(rows)
     reasons = ["all", *reason_counts(rows)]

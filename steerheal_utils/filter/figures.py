@@ -6,6 +6,9 @@ import math
 from collections import Counter
 from typing import Any
 
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
 from .gates import GATES
 from .step import FilterResult
 
@@ -18,8 +21,6 @@ def figures(result: FilterResult) -> list[Any]:
     """Plotly figures for 03: counts per reason, score histograms with their gates, example tables,
     and precision/recall on the labelled set."""
     rows, summary = result.rows, result.summary
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     figs = []
     counts = summary["reasons"]

@@ -44,7 +44,7 @@ class FilterResult:
     labelled_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_step(ctx) -> FilterResult:
+def run_stage(ctx) -> FilterResult:
     """03_filter: score every completion of the round with the base model (``ctx.base()``: no
     adapters, no steering hooks: perplexity is measured against what the untouched model finds
     natural), decide keep/drop, write ``completions`` and ``filter_summary`` (NaN written as null).

@@ -3,6 +3,9 @@ chosen dose and its interval; flags in red), the probe verdicts per call, comple
 
 from __future__ import annotations
 
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
 from .keepcurve import wilson
 from .step import GenerateResult
 
@@ -12,8 +15,6 @@ def figures(result: GenerateResult) -> list:
     fit, the threshold, the chosen dose and its interval; flags in red in the title), the probe
     verdicts per call, and completion lengths."""
     summary, rows = result.summary, result.rows
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     figs = []
     flags = summary.get("dose_flags") or []

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..batching import eos_ids, left_pad, length_sorted_batches
 from ..chat import prompt_ids, render_prompt
@@ -62,8 +63,6 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
     Example:
         >>> rows = sample(model, tok, ["Your boss says ... Do you?"], sv=sv, dose=0.05)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     if not prompts:
         return []
     if not math.isfinite(dose):

@@ -63,7 +63,7 @@ class GenerateResult:
     vector: SteeringVector | None = field(default=None, repr=False)
 
 
-def run_step(ctx) -> GenerateResult:
+def run_stage(ctx) -> GenerateResult:
     """02_generate: choose the dose, collect, write the round's files.
 
     The dose comes from the config (``dose`` set), from round 0 (``calib_rounds: first`` in a

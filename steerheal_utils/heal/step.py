@@ -75,7 +75,7 @@ def heal(model: nn.Module, tok, rows: Sequence[dict], cfg, rnd: int, out_dir: Pa
     return model, res
 
 
-def run_step(ctx) -> HealResult:
+def run_stage(ctx) -> HealResult:
     """04_heal: train this round's adapter on the kept completions of ``completions`` and save it.
 
     The student is ``ctx.student()`` unmerged: the base stays recoverable for the KL reference.

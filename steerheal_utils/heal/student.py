@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..adapters import adapter_name, adapter_names, set_active
 from ..config import depth_band
@@ -50,8 +51,6 @@ def make_student(model: nn.Module, cfg, rnd: int, seed: int = 0) -> tuple[nn.Mod
     trainable. B is zero-initialised (peft's LoRA default), so the student equals the model
     it starts from.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     earlier = adapter_names(model) if isinstance(model, PeftModel) else []
     if len(earlier) != rnd:
         raise ValueError(f"round {rnd} expects {rnd} baked adapters, the model has {len(earlier)}: {earlier}")

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapters import set_active
 from ..kl import AGGREGATES, aggregate_kl
@@ -154,7 +155,7 @@ class HealResult:
     n_rows: int = 0
     n_skipped: int = 0
     seconds: float = 0.0
-    model: Any = field(default=None, repr=False)  # the trained student (set by heal.step.run_step)
+    model: Any = field(default=None, repr=False)  # the trained student (set by heal.step.run_stage)
     tok: Any = field(default=None, repr=False)
 
 
@@ -164,8 +165,6 @@ def train(model: nn.Module, tok, rows: Sequence[dict], cfg, rnd: int, *, seed: i
 
     ``model`` is the model at round ``rnd`` (from :func:`models.load_round_model`, unmerged).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     examples, skipped = encode_rows(tok, rows, cfg.max_seq_len)
     if not examples:

@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import datafiles
 from ..batching import left_pad
@@ -62,8 +63,6 @@ def last_token_states(model: nn.Module, tok, prompts: Sequence[list[int]], layer
     (SmolLM2: a mean of ~650 against ~140 at the assistant tag), and the dose unit should be the
     typical hidden state.
     """
-    from tqdm.auto import tqdm
-
     dev = model_device(model)
     states = {layer: [] for layer in layers}
     norms: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}

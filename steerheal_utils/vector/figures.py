@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
 from .step import VectorResult
 
 
 def figures(result: VectorResult) -> list:
     """Plotly figures for the notebook: per-layer norms, pos/neg separation, drift from round 0."""
     sv, details = result.vector, {"proj_pos": result.proj_pos, "proj_neg": result.proj_neg}
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     layers = sv.layers
     fig = make_subplots(rows=1, cols=2, subplot_titles=("‖v_L‖ and median residual norm r_L", "projections onto v_L (pos vs neg)"))

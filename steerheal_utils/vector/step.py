@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models import n_layers
-from .extract import extract_vector, load_contexts
+from .extract import extract_vector, load_contexts, separation
 from .value import SteeringVector
 
 
@@ -25,8 +25,12 @@ class VectorResult:
     contexts: list[str] = field(default_factory=list, repr=False)
     cosine_to_round0: dict[int, float] | None = None
 
+    def separation(self) -> dict[int, float]:
+        """Per layer: the gap between mean pos and neg projections, in pooled standard deviations."""
+        return separation({"proj_pos": self.proj_pos, "proj_neg": self.proj_neg})
 
-def run_step(ctx) -> VectorResult:
+
+def run_stage(ctx) -> VectorResult:
     """01_vector: read the vector from the student (``ctx.student(merge=True)``: inference only,
     earlier adapters merged where exact, as in 02) and write it."""
     model, tok = ctx.student(merge=True)

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from ..runfolder import atomic_write_bytes
 
 
 @dataclass
@@ -102,10 +106,6 @@ class SteeringVector:
         return a.T @ a
 
     def save(self, path: Path | str) -> None:
-        from safetensors.torch import save
-
-        from .runfolder import atomic_write_bytes
-
         tensors = {f"layer.{layer}": v.contiguous().float().cpu() for layer, v in self.directions.items()}
         # One metadata key holding sorted JSON: safetensors writes several keys in a per-process
         # random order, and a resumed run should reproduce the file byte for byte.
@@ -114,8 +114,6 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: Path | str) -> "SteeringVector":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no steering vector at {path}")
