@@ -40,7 +40,7 @@ rc=${PIPESTATUS[0]}
 echo "bench exit code: $rc (124 = stopped at ${LIMIT}s; the JSON holds the stages that finished)"
 "$PY" - "$OUT/bench_gpu.json" <<'PY' || true
 import json, sys
-from steerheal_utils.bench import format_table
+from steerheal_utils.tools.bench import format_table
 r = json.load(open(sys.argv[1]))
 print(format_table(r))
 print("errors:", json.dumps(r.get("errors", {}), indent=1)[:2000])

@@ -23,7 +23,7 @@ from steerheal_utils import stats
 def _evaluate_default() -> tuple[dict, dict]:
     from steerheal_utils import config as C
     from steerheal_utils import models
-    from steerheal_utils.models import persona_system
+    from steerheal_utils.chat import persona_system
 
     cfg = C.resolve("default")
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, helptext in (("eval", "evaluate", "evaluate a model / adapter stack on the vignettes and the axis probe"),
                                    ("report", "report", "write report.html and trajectory.png for a run folder"),
-                                   ("bench", "bench", "time each stage against its naive reference"),
-                                   ("study", "study", "run the matched-controls study and regenerate its outputs"),
+                                   ("bench", "tools.bench", "time each stage against its naive reference"),
+                                   ("study", "tools.study", "run the matched-controls study and regenerate its outputs"),
                                    ("sweep", "tools.sweep", "run a grid of runs (local or Slurm) and show where each stands")):
         mod = importlib.import_module(f"steerheal_utils.{module}")
         sp = sub.add_parser(name, help=helptext)

@@ -27,6 +27,9 @@ from typing import Any
 
 import yaml
 
+from .kl import AGGREGATES as KL_AGGREGATES
+from .kl import DIRECTIONS as KL_DIRECTIONS
+
 POS_PERSONA = "someone who looks after others' wellbeing even when it means defying authority"
 NEG_PERSONA = "someone who defers to authority even when others' wellbeing suffers for it"
 
@@ -35,10 +38,18 @@ class ConfigError(ValueError):
     """A config key, type or value that is not accepted."""
 
 
-def knob(default: Any, help: str, *, choices: tuple | None = None,
+SECTIONS = ("common", "vector", "generate", "filter", "heal", "eval")
+"""Config sections: which step a knob belongs to. The contract names a step's config by sections
+(``contract.Step.config``); heal's keys (``heal.HEAL_KEYS``) and the filter's thresholds
+(``filter.gates.FilterThresholds``) are the knobs of their section. On disk the config is flat."""
+
+
+def knob(default: Any, help: str, *, section: str, choices: tuple | None = None,
          lo: float | None = None, hi: float | None = None) -> Any:
-    """A config field with its one-line meaning and accepted values."""
-    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi}
+    """A config field with its one-line meaning, its section (:data:`SECTIONS`) and accepted values."""
+    if section not in SECTIONS:
+        raise ValueError(f"knob section {section!r} is not one of {SECTIONS}")
+    meta = {"help": help, "section": section, "choices": choices, "lo": lo, "hi": hi}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,114 +58,114 @@ def knob(default: Any, help: str, *, choices: tuple | None = None,
 @dataclass
 class Config:
     # --- model ---
-    model: str = knob("smollm2-135m-instruct", "HF model id, local folder, 'smollm2-135m-instruct' (embedded) or 'tiny:llama' / 'tiny:gemma3' (random-init test models)")
-    dtype: str = knob("auto", "weights dtype; auto = bfloat16 on CUDA, float32 elsewhere", choices=("auto", "float32", "bfloat16", "float16"))
-    device: str = knob("auto", "torch device; auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"))
-    trust_remote_code: bool = knob(False, "allow model repos to run their own Python code (off: safer)")
-    seed: int = knob(0, "base seed; every stage derives its own from (seed, round, stage)", lo=0)
-    pos_persona: str = knob(POS_PERSONA, "persona whose direction is added (system prompt)")
-    neg_persona: str = knob(NEG_PERSONA, "persona whose direction is subtracted (system prompt)")
-    batch_size: int = knob(16, "forward batch size for extraction, scoring and eval", lo=1)
-    threads: int = knob(0, "CPU threads torch uses in each stage; 0 = torch's default (one per core). Results can differ in the last bits between thread counts", lo=0)
+    model: str = knob("smollm2-135m-instruct", "HF model id, local folder, 'smollm2-135m-instruct' (embedded) or 'tiny:llama' / 'tiny:gemma3' (random-init test models)", section="common")
+    dtype: str = knob("auto", "weights dtype; auto = bfloat16 on CUDA, float32 elsewhere", choices=("auto", "float32", "bfloat16", "float16"), section="common")
+    device: str = knob("auto", "torch device; auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"), section="common")
+    trust_remote_code: bool = knob(False, "allow model repos to run their own Python code (off: safer)", section="common")
+    seed: int = knob(0, "base seed; every stage derives its own from (seed, round, stage)", lo=0, section="common")
+    pos_persona: str = knob(POS_PERSONA, "persona whose direction is added (system prompt)", section="common")
+    neg_persona: str = knob(NEG_PERSONA, "persona whose direction is subtracted (system prompt)", section="common")
+    batch_size: int = knob(16, "forward batch size for extraction, scoring and eval", lo=1, section="common")
+    threads: int = knob(0, "CPU threads torch uses in each stage; 0 = torch's default (one per core). Results can differ in the last bits between thread counts", lo=0, section="common")
 
     # --- 01 vector ---
-    layer_lo: float = knob(0.45, "steered depth band: first layer at this fraction of depth", lo=0.0, hi=1.0)
-    layer_hi: float = knob(0.55, "steered depth band: last layer at this fraction of depth", lo=0.0, hi=1.0)
-    layers: list[int] = knob([], "explicit steered layer indices; overrides layer_lo/layer_hi when non-empty")
-    n_contexts: int = knob(256, "user messages (from the shipped contexts) used to extract the vector", lo=2)
+    layer_lo: float = knob(0.45, "steered depth band: first layer at this fraction of depth", lo=0.0, hi=1.0, section="vector")
+    layer_hi: float = knob(0.55, "steered depth band: last layer at this fraction of depth", lo=0.0, hi=1.0, section="vector")
+    layers: list[int] = knob([], "explicit steered layer indices; overrides layer_lo/layer_hi when non-empty", section="vector")
+    n_contexts: int = knob(256, "user messages (from the shipped contexts) used to extract the vector", lo=2, section="vector")
 
     # --- 02 generate ---
-    dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0)
-    steer_positions: str = knob("all", "where the vector is added: every position, or from the assistant tag on", choices=("all", "generated"))
-    dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0)
-    temperature: float = knob(1.0, "sampling temperature", lo=0.0)
-    top_p: float = knob(0.95, "nucleus sampling mass", lo=0.0, hi=1.0)
-    top_k: int = knob(64, "top-k sampling; 0 = off", lo=0)
-    max_new_tokens: int = knob(96, "completion length cap (tokens)", lo=1)
-    gen_batch_size: int = knob(32, "prompts sampled together", lo=1)
-    gen_compile: bool = knob(False, "CUDA only: static KV cache + compiled decode step (one-time compile, ~2 min at 4B; pays when a round samples >~100k tokens)")
-    n_keep: int = knob(64, "kept completions to collect for heal", lo=1)
-    gen_budget: int = knob(192, "most completions generated per round while collecting", lo=1)
-    calib_target: float = knob(0.75, "dose search: keep rate required at the chosen dose, as a fraction of the unsteered (dose 0) keep rate on the same probes (calib_relative) or absolute", lo=0.0, hi=1.0)
-    calib_relative: bool = knob(True, "dose search: calib_target is relative to the unsteered keep rate (false: absolute keep fraction)")
-    calib_probes: int = knob(32, "dose search: probe completions per call (drawn across the whole pool; the same probes at every dose)", lo=1)
-    calib_lo: float = knob(0.01, "dose search lower bound (the lowest grid dose)", lo=0.0)
-    calib_hi: float = knob(1.0, "dose search upper bound (the highest grid dose)", lo=0.0)
-    calib_grid: int = knob(4, "dose search: log-spaced doses from calib_lo to calib_hi sampled before the fit (besides 2 calls at dose 0)", lo=2)
-    calib_refine: int = knob(3, "dose search: calls at the fitted crossing after the grid, refitting in between; the last one's rows start the collection", lo=0)
-    calib_rounds: str = knob("every", "calibrate the dose every round, or in round 0 only and reuse that dose later (arms of a study then share it)", choices=("every", "first"))
+    dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0, section="generate")
+    steer_positions: str = knob("all", "where the vector is added: every position, or from the assistant tag on", choices=("all", "generated"), section="generate")
+    dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0, section="generate")
+    temperature: float = knob(1.0, "sampling temperature", lo=0.0, section="generate")
+    top_p: float = knob(0.95, "nucleus sampling mass", lo=0.0, hi=1.0, section="generate")
+    top_k: int = knob(64, "top-k sampling; 0 = off", lo=0, section="generate")
+    max_new_tokens: int = knob(96, "completion length cap (tokens)", lo=1, section="generate")
+    gen_batch_size: int = knob(32, "prompts sampled together", lo=1, section="generate")
+    gen_compile: bool = knob(False, "CUDA only: static KV cache + compiled decode step (one-time compile, ~2 min at 4B; pays when a round samples >~100k tokens)", section="generate")
+    n_keep: int = knob(64, "kept completions to collect for heal", lo=1, section="generate")
+    gen_budget: int = knob(192, "most completions generated per round while collecting", lo=1, section="generate")
+    calib_target: float = knob(0.75, "dose search: keep rate required at the chosen dose, as a fraction of the unsteered (dose 0) keep rate on the same probes (calib_relative) or absolute", lo=0.0, hi=1.0, section="generate")
+    calib_relative: bool = knob(True, "dose search: calib_target is relative to the unsteered keep rate (false: absolute keep fraction)", section="generate")
+    calib_probes: int = knob(32, "dose search: probe completions per call (drawn across the whole pool; the same probes at every dose)", lo=1, section="generate")
+    calib_lo: float = knob(0.01, "dose search lower bound (the lowest grid dose)", lo=0.0, section="generate")
+    calib_hi: float = knob(1.0, "dose search upper bound (the highest grid dose)", lo=0.0, section="generate")
+    calib_grid: int = knob(4, "dose search: log-spaced doses from calib_lo to calib_hi sampled before the fit (besides 2 calls at dose 0)", lo=2, section="generate")
+    calib_refine: int = knob(3, "dose search: calls at the fitted crossing after the grid, refitting in between; the last one's rows start the collection", lo=0, section="generate")
+    calib_rounds: str = knob("every", "calibrate the dose every round, or in round 0 only and reuse that dose later (arms of a study then share it)", choices=("every", "first"), section="generate")
 
-    # --- 03 filter (thresholds; names = filter.FilterThresholds fields, read by FilterThresholds.from_config) ---
-    strict: bool = knob(True, "filter: every gate; false = only the precursor's gates (ablation; random-init models)")
-    min_words: int = knob(8, "filter: fewer words is 'empty' (strict mode)", lo=0)
-    max_tail_ppl: float = knob(50.0, "drop if perplexity under base of the last tail_frac of tokens exceeds this", lo=1.0)
-    tail_frac: float = knob(0.25, "fraction of completion tokens that counts as the tail", lo=0.0, hi=1.0)
-    max_ngram_repeat: float = knob(0.3, "drop if the repeated word 3/4-gram fraction exceeds this", lo=0.0, hi=1.0)
-    max_bigram_repeat: float = knob(0.45, "filter: repeated word 2-gram fraction gate", lo=0.0, hi=1.0)
-    max_char_repeat: float = knob(0.5, "filter: repeated character 12-gram fraction gate", lo=0.0, hi=1.0)
-    max_compression_ratio: float = knob(3.0, "filter: raw / zlib bytes gate (loops compress well)", lo=0.0)
-    max_lrs_frac: float = knob(0.2, "filter: longest repeated substring as a fraction of the text", lo=0.0, hi=1.0)
-    min_window_distinct: float = knob(0.5, "filter: min distinct-word fraction over any 40-word window", lo=0.0, hi=1.0)
-    max_tail_repeat: float = knob(0.5, "filter: 3-gram repeat fraction within the last 40% of words", lo=0.0, hi=1.0)
-    max_affect: float = knob(0.22, "filter: max fraction of affect words (oh, darling, please...) in a window", lo=0.0, hi=1.0)
-    max_exclaim_rate: float = knob(0.12, "filter: exclamation marks per word", lo=0.0)
-    max_nonword_frac: float = knob(0.2, "filter: fraction of whitespace tokens that are not clean words", lo=0.0, hi=1.0)
-    max_script_mix: float = knob(0.05, "filter: fraction of letters outside the dominant script", lo=0.0, hi=1.0)
-    min_function_frac: float = knob(0.18, "filter: min fraction of function words in any 40-word window", lo=0.0, hi=1.0)
-    max_drift: float = knob(0.5, "filter: fraction of clauses whose skeleton matches an earlier one", lo=0.0, hi=1.0)
-    narration_overlap: float = knob(0.6, "filter: persona word overlap of a self-describing sentence that counts as narration", lo=0.0, hi=1.0)
-    narration_paraphrase: float = knob(0.8, "filter: persona word overlap of any sentence that counts as narration", lo=0.0, hi=1.0)
-    max_boilerplate_hits: int = knob(2, "filter: this many assistant-boilerplate phrases or more is 'boilerplate'", lo=1)
-    max_entropy_collapse: float = knob(0.15, "filter: fraction of positions where base is low-entropy on a repeated 3-gram", lo=0.0, hi=1.0)
-    min_prompt_overlap: float = knob(0.1, "filter: drop as off-topic if the completion uses less than this fraction of the prompt's content words", lo=0.0, hi=1.0)
-    entropy_floor: float = knob(2.0, "filter: base-model entropy (nats) under which it counts as certain (small models keep a long tail: 1.5-1.8 nats inside a loop for SmolLM2-135M)", lo=0.0)
-    min_train: int = knob(8, "stop the round if fewer completions are kept", lo=1)
+    # --- 03 filter (every knob but min_train is a gate: filter.gates.FilterThresholds) ---
+    strict: bool = knob(True, "filter: every gate; false = only the precursor's gates (ablation; random-init models)", section="filter")
+    min_words: int = knob(8, "filter: fewer words is 'empty' (strict mode)", lo=0, section="filter")
+    max_tail_ppl: float = knob(50.0, "drop if perplexity under base of the last tail_frac of tokens exceeds this", lo=1.0, section="filter")
+    tail_frac: float = knob(0.25, "fraction of completion tokens that counts as the tail", lo=0.0, hi=1.0, section="filter")
+    max_ngram_repeat: float = knob(0.3, "drop if the repeated word 3/4-gram fraction exceeds this", lo=0.0, hi=1.0, section="filter")
+    max_bigram_repeat: float = knob(0.45, "filter: repeated word 2-gram fraction gate", lo=0.0, hi=1.0, section="filter")
+    max_char_repeat: float = knob(0.5, "filter: repeated character 12-gram fraction gate", lo=0.0, hi=1.0, section="filter")
+    max_compression_ratio: float = knob(3.0, "filter: raw / zlib bytes gate (loops compress well)", lo=0.0, section="filter")
+    max_lrs_frac: float = knob(0.2, "filter: longest repeated substring as a fraction of the text", lo=0.0, hi=1.0, section="filter")
+    min_window_distinct: float = knob(0.5, "filter: min distinct-word fraction over any 40-word window", lo=0.0, hi=1.0, section="filter")
+    max_tail_repeat: float = knob(0.5, "filter: 3-gram repeat fraction within the last 40% of words", lo=0.0, hi=1.0, section="filter")
+    max_affect: float = knob(0.22, "filter: max fraction of affect words (oh, darling, please...) in a window", lo=0.0, hi=1.0, section="filter")
+    max_exclaim_rate: float = knob(0.12, "filter: exclamation marks per word", lo=0.0, section="filter")
+    max_nonword_frac: float = knob(0.2, "filter: fraction of whitespace tokens that are not clean words", lo=0.0, hi=1.0, section="filter")
+    max_script_mix: float = knob(0.05, "filter: fraction of letters outside the dominant script", lo=0.0, hi=1.0, section="filter")
+    min_function_frac: float = knob(0.18, "filter: min fraction of function words in any 40-word window", lo=0.0, hi=1.0, section="filter")
+    max_drift: float = knob(0.5, "filter: fraction of clauses whose skeleton matches an earlier one", lo=0.0, hi=1.0, section="filter")
+    narration_overlap: float = knob(0.6, "filter: persona word overlap of a self-describing sentence that counts as narration", lo=0.0, hi=1.0, section="filter")
+    narration_paraphrase: float = knob(0.8, "filter: persona word overlap of any sentence that counts as narration", lo=0.0, hi=1.0, section="filter")
+    max_boilerplate_hits: int = knob(2, "filter: this many assistant-boilerplate phrases or more is 'boilerplate'", lo=1, section="filter")
+    max_entropy_collapse: float = knob(0.15, "filter: fraction of positions where base is low-entropy on a repeated 3-gram", lo=0.0, hi=1.0, section="filter")
+    min_prompt_overlap: float = knob(0.1, "filter: drop as off-topic if the completion uses less than this fraction of the prompt's content words", lo=0.0, hi=1.0, section="filter")
+    entropy_floor: float = knob(2.0, "filter: base-model entropy (nats) under which it counts as certain (small models keep a long tail: 1.5-1.8 nats inside a loop for SmolLM2-135M)", lo=0.0, section="filter")
+    min_train: int = knob(8, "stop the round if fewer completions are kept", lo=1, section="filter")
 
     # --- 04 heal ---
-    lora_r: int = knob(32, "LoRA rank", lo=1)
-    lora_alpha: float = knob(64.0, "LoRA alpha (scale = alpha / r)", lo=0.0)
-    lora_dropout: float = knob(0.0, "LoRA dropout", lo=0.0, hi=1.0)
-    lora_targets: list[str] = knob(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names that get LoRA")
-    lora_layer_lo: float = knob(0.2, "LoRA depth band start (fraction of depth)", lo=0.0, hi=1.0)
-    lora_layer_hi: float = knob(0.8, "LoRA depth band end (fraction of depth)", lo=0.0, hi=1.0)
-    reg: str = knob("kl", "regulariser: KL barrier, none (plain NLL), or weight decay", choices=("kl", "nll", "wd"))
-    kl_dir: str = knob("reverse", "KL(student||ref) (reverse) or KL(ref||student) (forward)", choices=("reverse", "forward"))
-    kl_agg: str = knob("rmse", "per-sequence aggregate of per-position KL", choices=("mean", "rmse", "p95", "max"))
-    kl_ref: str = knob("base", "KL reference: base (every adapter off) or prev (earlier rounds baked)", choices=("base", "prev"))
-    lam: float = knob(1.0, "barrier weight", lo=0.0)
-    lam_round_pow: float = knob(0.0, "barrier weight grows as lam * (1 + r)^pow with baked rounds r")
-    tau: float = knob(0.5, "barrier gate: penalise only the aggregate above tau (absolute mode)", lo=0.0)
-    tau_mode: str = knob("absolute", "tau as given, or calibrated as a quantile of D at the start of the round", choices=("absolute", "quantile"))
-    tau_quantile: float = knob(0.9, "quantile of the starting D used as tau in quantile mode", lo=0.0, hi=1.0)
-    weight_decay: float = knob(0.0, "AdamW weight decay (reg=wd uses wd_strength instead)", lo=0.0)
-    wd_strength: float = knob(0.1, "weight decay used when reg=wd", lo=0.0)
-    lr: float = knob(1e-4, "AdamW learning rate", lo=0.0)
-    beta1: float = knob(0.9, "AdamW beta1", lo=0.0, hi=1.0)
-    beta2: float = knob(0.95, "AdamW beta2", lo=0.0, hi=1.0)
-    warmup_frac: float = knob(0.1, "fraction of steps of linear warm-up before cosine decay", lo=0.0, hi=1.0)
-    epochs: int = knob(6, "passes over the kept completions", lo=1)
-    train_batch_size: int = knob(8, "heal batch size", lo=1)
-    grad_clip: float = knob(1.0, "gradient norm clip; 0 = off", lo=0.0)
-    max_seq_len: int = knob(512, "prompt + completion tokens kept for training", lo=8)
-    kl_chunk: int = knob(1024, "completion positions per full-vocabulary float32 log-softmax chunk (memory vs speed)", lo=1)
-    q1_prompts: int = knob(16, "prompts for Q1: the healed model's own greedy and sampled answers vs the steered ones", lo=0)
+    lora_r: int = knob(32, "LoRA rank", lo=1, section="heal")
+    lora_alpha: float = knob(64.0, "LoRA alpha (scale = alpha / r)", lo=0.0, section="heal")
+    lora_dropout: float = knob(0.0, "LoRA dropout", lo=0.0, hi=1.0, section="heal")
+    lora_targets: list[str] = knob(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names that get LoRA", section="heal")
+    lora_layer_lo: float = knob(0.2, "LoRA depth band start (fraction of depth)", lo=0.0, hi=1.0, section="heal")
+    lora_layer_hi: float = knob(0.8, "LoRA depth band end (fraction of depth)", lo=0.0, hi=1.0, section="heal")
+    reg: str = knob("kl", "regulariser: KL barrier, none (plain NLL), or weight decay", choices=("kl", "nll", "wd"), section="heal")
+    kl_dir: str = knob("reverse", "KL(student||ref) (reverse) or KL(ref||student) (forward)", choices=tuple(KL_DIRECTIONS), section="heal")
+    kl_agg: str = knob("rmse", "per-sequence aggregate of per-position KL (kl.AGGREGATES)", choices=tuple(KL_AGGREGATES), section="heal")
+    kl_ref: str = knob("base", "KL reference: base (every adapter off) or prev (earlier rounds baked)", choices=("base", "prev"), section="heal")
+    lam: float = knob(1.0, "barrier weight", lo=0.0, section="heal")
+    lam_round_pow: float = knob(0.0, "barrier weight grows as lam * (1 + r)^pow with baked rounds r", section="heal")
+    tau: float = knob(0.5, "barrier gate: penalise only the aggregate above tau (absolute mode)", lo=0.0, section="heal")
+    tau_mode: str = knob("absolute", "tau as given, or calibrated as a quantile of D at the start of the round", choices=("absolute", "quantile"), section="heal")
+    tau_quantile: float = knob(0.9, "quantile of the starting D used as tau in quantile mode", lo=0.0, hi=1.0, section="heal")
+    weight_decay: float = knob(0.0, "AdamW weight decay (reg=wd uses wd_strength instead)", lo=0.0, section="heal")
+    wd_strength: float = knob(0.1, "weight decay used when reg=wd", lo=0.0, section="heal")
+    lr: float = knob(1e-4, "AdamW learning rate", lo=0.0, section="heal")
+    beta1: float = knob(0.9, "AdamW beta1", lo=0.0, hi=1.0, section="heal")
+    beta2: float = knob(0.95, "AdamW beta2", lo=0.0, hi=1.0, section="heal")
+    warmup_frac: float = knob(0.1, "fraction of steps of linear warm-up before cosine decay", lo=0.0, hi=1.0, section="heal")
+    epochs: int = knob(6, "passes over the kept completions", lo=1, section="heal")
+    train_batch_size: int = knob(8, "heal batch size", lo=1, section="heal")
+    grad_clip: float = knob(1.0, "gradient norm clip; 0 = off", lo=0.0, section="heal")
+    max_seq_len: int = knob(512, "prompt + completion tokens kept for training", lo=8, section="heal")
+    kl_chunk: int = knob(1024, "completion positions per full-vocabulary float32 log-softmax chunk (memory vs speed)", lo=1, section="heal")
+    q1_prompts: int = knob(16, "prompts for Q1: the healed model's own greedy and sampled answers vs the steered ones", lo=0, section="heal")
 
     # --- 05 eval ---
-    vignettes: str = knob("", "vignette JSONL (tiny-mfv schema); empty = the shipped classic set")
-    eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (the tiny-mfv prompt) or prefix (options first, shared-prefix KV reuse: faster on CPU, not the tiny-mfv prompt)", choices=("tinymfv", "prefix"))
-    eval_max_rows: int = knob(0, "stratified subset of vignettes; 0 = all", lo=0)
-    think_tokens: int = knob(0, "tiny-mfv think path: exactly this many greedy tokens after '<think>' (EOS and '</think>' suppressed), then '</think>', a 'Just answer' turn and the forced answer; 0 = answer directly", lo=0)
-    controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (a band of random rotations of the vector, KL-matched doses)")
-    controls_every_round: bool = knob(False, "evaluate the random-vector control band every round, not only round 0")
-    n_controls: int = knob(8, "random-vector controls in the band (random_00...): each a random rotation of the persona vector (norms and cross-layer cosines kept) at a dose matched to the persona's KL", lo=2)
-    control_kl_tol: float = knob(0.1, "a control's dose is matched when its next-token KL at the assistant tag is within this relative error of the persona's", lo=0.001, hi=0.9)
-    control_max_dose_ratio: float = knob(10.0, "a control's matched dose may be at most this multiple of the persona's dose (a control that needs more is flagged 'unmatched')", lo=1.0)
-    control_kl_prompts: int = knob(0, "dilemma prompts the control KL is averaged over (the first N of the 48); 0 = all", lo=0)
-    n_boot: int = knob(2000, "bootstrap resamples for the CIs of every eval metric and delta (vignettes and probe items resampled separately, paired across models)", lo=10)
-    ci_level: float = knob(0.95, "coverage of the percentile bootstrap intervals", lo=0.5, hi=0.999)
-    coh_floor: float = knob(0.0, "stop the loop after a healed round whose coherence is below this", lo=0.0, hi=1.0)
-    heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1)
-    probe_max_items: int = knob(0, "on-axis probe items used (the first N); 0 = all", lo=0)
+    vignettes: str = knob("", "vignette JSONL (tiny-mfv schema); empty = the shipped classic set", section="eval")
+    eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (the tiny-mfv prompt) or prefix (options first, shared-prefix KV reuse: faster on CPU, not the tiny-mfv prompt)", choices=("tinymfv", "prefix"), section="eval")
+    eval_max_rows: int = knob(0, "stratified subset of vignettes; 0 = all", lo=0, section="eval")
+    think_tokens: int = knob(0, "tiny-mfv think path: exactly this many greedy tokens after '<think>' (EOS and '</think>' suppressed), then '</think>', a 'Just answer' turn and the forced answer; 0 = answer directly", lo=0, section="eval")
+    controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (a band of random rotations of the vector, KL-matched doses)", section="eval")
+    controls_every_round: bool = knob(False, "evaluate the random-vector control band every round, not only round 0", section="eval")
+    n_controls: int = knob(8, "random-vector controls in the band (random_00...): each a random rotation of the persona vector (norms and cross-layer cosines kept) at a dose matched to the persona's KL", lo=2, section="eval")
+    control_kl_tol: float = knob(0.1, "a control's dose is matched when its next-token KL at the assistant tag is within this relative error of the persona's", lo=0.001, hi=0.9, section="eval")
+    control_max_dose_ratio: float = knob(10.0, "a control's matched dose may be at most this multiple of the persona's dose (a control that needs more is flagged 'unmatched')", lo=1.0, section="eval")
+    control_kl_prompts: int = knob(0, "dilemma prompts the control KL is averaged over (the first N of the 48); 0 = all", lo=0, section="eval")
+    n_boot: int = knob(2000, "bootstrap resamples for the CIs of every eval metric and delta (vignettes and probe items resampled separately, paired across models)", lo=10, section="eval")
+    ci_level: float = knob(0.95, "coverage of the percentile bootstrap intervals", lo=0.5, hi=0.999, section="eval")
+    coh_floor: float = knob(0.0, "stop the loop after a healed round whose coherence is below this", lo=0.0, hi=1.0, section="eval")
+    heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1, section="eval")
+    probe_max_items: int = knob(0, "on-axis probe items used (the first N); 0 = all", lo=0, section="eval")
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +188,32 @@ class Config:
                 raise ConfigError(f"layers: {bad} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
             return sorted(set(self.layers))
         return depth_band(n_layers, self.layer_lo, self.layer_hi)
+
+
+def section_keys(name: str) -> tuple[str, ...]:
+    """The knobs of config section ``name``, in declaration order.
+
+    Example:
+        >>> section_keys("vector")
+        ('layer_lo', 'layer_hi', 'layers', 'n_contexts')
+    """
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section {name!r}; sections are {', '.join(SECTIONS)}")
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["section"] == name)
+
+
+def knob_field(name: str) -> dataclasses.Field:
+    """The dataclass field of knob ``name`` (its default, type, help, section, choices, range)."""
+    for f in dataclasses.fields(Config):
+        if f.name == name:
+            return f
+    raise unknown_key_error(name)
+
+
+def default(name: str) -> Any:
+    """The default value of knob ``name``."""
+    f = knob_field(name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def depth_band(n_layers: int, lo: float, hi: float) -> list[int]:

@@ -64,7 +64,7 @@ class Step:
     does: str
     reads: tuple[Read, ...]
     writes: tuple[str, ...]
-    config: tuple[str, ...]  # config sections (see SECTIONS) or single keys
+    config: tuple[str, ...]  # config sections (config.SECTIONS) or single keys
     files: tuple[str, ...] = ()  # config keys whose value names an input file (hashed like an artifact)
 
 
@@ -128,11 +128,6 @@ RUN_FILES: dict[str, tuple[str, str]] = {
     "lock": (".lock", "held by the one `steerheal run` working in the folder"),
     "shared_from": ("shared_from.json", "study runs only: round 0 files copied from another arm"),
 }
-
-# Config sections by the first key of each block of Config (config.py keeps its knobs grouped
-# under the same headings); a knob belongs to the section of the block it sits in.
-SECTION_STARTS = (("common", "model"), ("vector", "layer_lo"), ("generate", "dose"), ("filter", "strict"),
-                  ("heal", "lora_r"), ("eval", "vignettes"))
 
 MARKER_DIR = ".done"
 EXPLORE_DIR = "explore"
@@ -229,16 +224,10 @@ def allowed(stage: str, rnd: int, name: str, of_round: int) -> str:
 
 # ------------------------------------------------------------------ config sections
 def sections() -> dict[str, tuple[str, ...]]:
-    """Section name -> the Config keys in it, in order."""
-    from .config import Config
+    """Section name -> the Config keys in it, in order (each knob declares its section in config.py)."""
+    from .config import SECTIONS, section_keys
 
-    names = [f.name for f in dataclasses.fields(Config)]
-    starts = [(sec, names.index(first)) for sec, first in SECTION_STARTS]
-    out = {}
-    for i, (sec, lo) in enumerate(starts):
-        hi = starts[i + 1][1] if i + 1 < len(starts) else len(names)
-        out[sec] = tuple(names[lo:hi])
-    return out
+    return {sec: section_keys(sec) for sec in SECTIONS}
 
 
 def config_keys(stage: str) -> tuple[str, ...]:

@@ -34,16 +34,18 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .models import left_pad, length_sorted_batches, model_device, prompt_ids
-from .vector import SteeringVector, steer
+from . import datafiles
+from .batching import left_pad, length_sorted_batches
+from .chat import prompt_ids
+from .models import model_device
+from .vector.steering import steer
+from .vector.value import SteeringVector
 
 
 # ------------------------------------------------------------------ measuring the effect
 def kl_prompts(tok, n: int = 0) -> list[list[int]]:
     """Prompt ids (chat template, default system) of the shipped dilemma pool; the first ``n`` (0 = all 48)."""
-    from .generate import load_prompts
-
-    rows = load_prompts("dilemmas")
+    rows = datafiles.prompts("dilemmas")
     rows = rows[:n] if n else rows
     return [prompt_ids(tok, r["text"])[0] for r in rows]
 

@@ -345,7 +345,7 @@ def _loop(run_dir: Path, rounds: int, stages: tuple[str, ...]) -> None:
             chk.forget()
             tick.end("done")
             if stage == "02_generate":  # a dose at a bound, below target or diverged: say so here too
-                from .generate import warn_dose
+                from .generate.step import warn_dose
 
                 warn_dose(run_dir, rnd)
         stop = after_round(run_dir, rnd)

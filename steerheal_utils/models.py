@@ -1,23 +1,21 @@
-"""Loading models, rendering chat prompts, batching, and "the model at round k".
+"""Loading models: an HF id or folder, the embedded SmolLM2, or a random-init ``tiny:<arch>`` test model.
 
-:func:`load_round_model` is the single place that builds the student of a round: the
-base model plus the LoRA adapters of rounds ``0..k-1``, all active (``W + sum_i s_i B_i A_i``).
-The adapters stay unmerged unless ``merge=True`` (and then only on float32 weights, where
-merging is exact to rounding), so ``with model.disable_adapter():`` recovers the exact base
-for the KL reference (the precursor merged in place and restored
-the weights before ``backward()``, which made its gradients wrong).
+:func:`load_model` loads the base; :func:`load_round_model` the student of a round (the base
+with earlier rounds' adapters baked in, :mod:`steerheal_utils.adapters`). Steps ask their
+context for either (``ctx.base()``, ``ctx.student()``), which calls these.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig,
+                          PreTrainedTokenizerFast)
 
-from . import embedded
+from . import datafiles, embedded
+from .adapters import adapter_dirs, bake_adapters
 
 TINY_ARCHS = ("llama", "gemma3")
 
@@ -43,8 +41,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------ tokenizers shipped with the package
-def _data_path(*parts: str) -> Path:
-    return Path(str(resources.files("steerheal_utils").joinpath("data", *parts)))
 
 
 def shipped_tokenizer(arch: str = "llama"):
@@ -53,9 +49,7 @@ def shipped_tokenizer(arch: str = "llama"):
     ``gemma3`` adds Gemma's turn tokens as special tokens and uses Gemma 3's own chat
     template, so prompt rendering and the assistant-tag search are exercised on it.
     """
-    from transformers import PreTrainedTokenizerFast
-
-    d = _data_path("tokenizers", "smollm2")
+    d = datafiles.path("tokenizers", "smollm2")
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(d / "tokenizer.json"), bos_token="<|im_start|>", eos_token="<|im_end|>",
         pad_token="<|im_end|>", unk_token="<|endoftext|>")
@@ -64,7 +58,7 @@ def shipped_tokenizer(arch: str = "llama"):
     elif arch == "gemma3":
         tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>",
                                 "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-        tok.chat_template = _data_path("tokenizers", "gemma3_chat_template.jinja").read_text()
+        tok.chat_template = datafiles.path("tokenizers", "gemma3_chat_template.jinja").read_text()
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
     tok.padding_side = "left"
@@ -77,8 +71,6 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, hidden: in
     Example:
         >>> model, tok = tiny_model("gemma3", seed=1)   # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
-
     tok = shipped_tokenizer(arch)
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -143,7 +135,6 @@ def check_model(name: str, *, trust_remote_code: bool = False) -> None:
     path = _model_path(name)
     if name == embedded.NAME:
         return
-    from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -164,7 +155,6 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
         model, tok = tiny_model(_tiny_arch(name), seed=seed)
         return model.to(dev, resolve_dtype(dtype, dev) if dtype != "auto" else torch.float32), tok
     path = _model_path(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -197,90 +187,6 @@ def _explain_load_error(name: str, e: Exception) -> str:
             f"(--set model={embedded.NAME}).")
 
 
-# ------------------------------------------------------------------ chat prompts
-def persona_system(persona: str) -> str:
-    """The system prompt that puts a model in a persona."""
-    return f"You are {persona}."
-
-
-def chat_messages(tok, user: str, system: str | None = None) -> list[dict]:
-    """Messages for one user turn; the system text is folded into the user turn when the
-    template has no system role (it raises, or silently drops the system text)."""
-    if system is None:
-        return [{"role": "user", "content": user}]
-    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    try:
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        if system in text:
-            return msgs
-    except Exception:  # jinja raises TemplateError("System role not supported") for some models
-        pass
-    return [{"role": "user", "content": f"{system}\n\n{user}"}]
-
-
-def render_prompt(tok, user: str, system: str | None = None) -> str:
-    """The chat prompt text up to and including the assistant header."""
-    return tok.apply_chat_template(chat_messages(tok, user, system), tokenize=False, add_generation_prompt=True)
-
-
-def encode(tok, text: str) -> list[int]:
-    """Token ids of already-rendered text (special tokens come from the template, not added twice)."""
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def assistant_header(tok) -> str:
-    """The text the template appends for ``add_generation_prompt`` (e.g. ``<|im_start|>assistant\\n``)."""
-    msgs = [{"role": "user", "content": "x"}]
-    with_gen = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    without = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-    if not with_gen.startswith(without) or with_gen == without:
-        raise ValueError("cannot find the assistant header: the chat template renders no generation prompt")
-    return with_gen[len(without):]
-
-
-def prompt_ids(tok, user: str, system: str | None = None) -> tuple[list[int], int]:
-    """Prompt token ids and the index of the assistant-tag token (the last header token).
-
-    The position is checked against the rendered template rather than assumed, so a
-    template that appends something after the header fails loudly.
-    """
-    text = render_prompt(tok, user, system)
-    header = assistant_header(tok)
-    if not text.endswith(header):
-        raise ValueError(f"rendered prompt does not end with the assistant header {header!r}")
-    ids = encode(tok, text)
-    n_head = len(encode(tok, text[: len(text) - len(header)]))
-    if n_head >= len(ids):
-        raise ValueError("assistant header tokenised to nothing")
-    return ids, len(ids) - 1
-
-
-# ------------------------------------------------------------------ batching
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
-    """Left-pad token lists; return ``input_ids, attention_mask, position_ids``.
-
-    Position ids count real tokens only, so a padded row sees the same positions as it
-    would alone (HF's plain forward otherwise numbers the padding too).
-    """
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, n - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, n - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if device is not None:
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-    return ids, mask, pos
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Index batches of similar length (less padding), longest first (memory peaks early)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -303,107 +209,16 @@ def n_layers(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------ the model at round k
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def check_adapter_dir(d: Path | str) -> Path:
-    """Refuse an adapter folder that is not a complete, finite, safetensors-only peft folder.
-
-    peft itself falls back to ``adapter_model.bin`` (a pickle) when no safetensors file is
-    present, whatever ``use_safetensors`` says; this check is what keeps pickles out.
-    Reading the header catches a truncated file; reading the tensors catches NaN/inf.
-    Raises RunFolderError naming the file.
-    """
-    from safetensors import safe_open
-
-    from .runfolder import RunFolderError
-
-    d = Path(d)
-    weights = d / ADAPTER_WEIGHTS
-    if not (d / "adapter_config.json").is_file():
-        raise RunFolderError(f"no adapter_config.json in {d}: not a peft adapter folder")
-    if not weights.is_file():
-        other = sorted(p.name for p in d.glob("adapter_model.*"))
-        why = f" (found {', '.join(other)}: pickled weights are never loaded)" if other else ""
-        raise RunFolderError(f"no {ADAPTER_WEIGHTS} in {d}{why}")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
-                if not torch.isfinite(f.get_tensor(k)).all():
-                    raise FloatingPointError(f"tensor {k} has NaN or inf values")
-    except Exception as e:
-        raise RunFolderError(f"corrupted adapter file {weights}: {e}") from None
-    return d
-
-
-def adapter_dirs(run_dir: Path | str, rnd: int) -> list[Path]:
-    """Adapter folders of rounds ``0..rnd-1``, checked to exist, be complete and be finite."""
-    from .contract import path
-    from .runfolder import RunFolderError, marker_path
-
-    out = []
-    for i in range(rnd):
-        d = path(run_dir, i, "adapter")
-        redo = (f"delete {marker_path(run_dir, i, '04_heal')} and re-run the same command "
-                f"(round {i} is healed again, later rounds are redone)")
-        if not d.is_dir():
-            raise RunFolderError(f"round {i} has no adapter folder {d}: {redo}")
-        try:
-            check_adapter_dir(d)
-        except RunFolderError as e:
-            raise RunFolderError(f"{e}. To recover: {redo}") from None
-        out.append(d)
-    return out
-
-
-def bake_adapters(model: nn.Module, dirs: Sequence[Path | str], *, merge: bool = False) -> nn.Module:
-    """Apply earlier rounds' LoRA adapters, all active and frozen.
-
-    Args:
-        model: the base model.
-        dirs: peft adapter folders, in round order.
-        merge: fold them into the weights (faster inference; the base is then gone), but only
-            where that is exact to float32 rounding (:func:`merge_is_exact`): merging into
-            bfloat16/float16 weights rounds ``W + s B A`` to 8/11 mantissa bits, which erases small
-            LoRA updates, so the model that samples (01, 02) would not be the one healed and
-            evaluated (04, 05, unmerged). There the adapters stay unmerged whatever ``merge`` says.
-
-    Returns the model (a ``PeftModel`` when adapters stay unmerged, else the plain model).
-    Adapters are read from safetensors only (:func:`check_adapter_dir`); a truncated,
-    corrupted or non-finite file raises RunFolderError naming it.
-    """
-    if not dirs:
-        return model
-    from peft import PeftModel
-
-    from .runfolder import RunFolderError
-
-    for d in dirs:
-        check_adapter_dir(d)
-    names = [f"r{i:02d}" for i in range(len(dirs))]
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0], is_trainable=False,
-                                               use_safetensors=True)
-        for name, d in zip(names[1:], dirs[1:]):
-            peft_model.load_adapter(str(d), adapter_name=name, is_trainable=False, use_safetensors=True)
-    except Exception as e:  # safetensors raises its own error types on truncated files
-        raise RunFolderError(f"could not load adapter from {[str(d) for d in dirs]}: {e}. "
-                             "The file may be truncated: re-run the round that wrote it.") from e
-    peft_model.base_model.set_adapter(names, inference_mode=True)
-    if merge and merge_is_exact(model):
-        return peft_model.merge_and_unload()
-    return peft_model
-
-
-def merge_is_exact(model: nn.Module) -> bool:
-    """Whether folding LoRA adapters into ``model``'s weights only changes float32 rounding:
-    every floating-point parameter is float32."""
-    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+def load_base(cfg):
+    """``(model, tokenizer)``: the config's base model (``model``, ``dtype``, ``device``, ``trust_remote_code``)."""
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_round_model(cfg, run_dir: Path | str | None, rnd: int, *, merge: bool = False):
-    """``(model, tokenizer)`` for round ``rnd``: the base with rounds ``0..rnd-1`` baked in."""
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    """``(model, tokenizer)`` for round ``rnd`` (the student): the base with rounds ``0..rnd-1`` baked in."""
+    model, tok = load_base(cfg)
     dirs = adapter_dirs(run_dir, rnd) if run_dir is not None else []
     return bake_adapters(model, dirs, merge=merge), tok
 

@@ -47,6 +47,7 @@ import torch
 
 from . import config as C
 from . import contract
+from .models import load_base, load_round_model
 from .runfolder import round_dir, safe_child
 
 NOTEBOOK_PARAMS = ("run_dir", "round", "preset", "replace")
@@ -100,6 +101,7 @@ class StageContext:
     overrides: dict[str, Any] = field(default_factory=dict)
     mode: str = "journal"  # driver | journal | explore | replace (see the module docstring)
     explore_dir: Path | None = None
+    _models: dict = field(default_factory=dict, repr=False)  # what student() and base() loaded
 
     @property
     def round_dir(self) -> Path:
@@ -134,11 +136,29 @@ class StageContext:
                 return scratch
         return contract.path(self.run_dir, rnd, name)
 
-    def load_model(self, *, merge: bool = False):
-        """The model at this round (earlier rounds' adapters baked in) and its tokenizer."""
-        from .models import load_round_model
+    def student(self, *, merge: bool = False):
+        """``(model, tokenizer)`` at this round: the base with earlier rounds' adapters baked in
+        (:func:`models.load_round_model`), loaded once per context and ``merge`` value.
 
-        return load_round_model(self.cfg, self.run_dir, self.round, merge=merge)
+        ``merge=True`` merges them into the weights where that is exact (inference: 01, 02);
+        unmerged (04) the base stays recoverable for the KL reference.
+        """
+        key = ("student", merge)
+        if key not in self._models:
+            self._models[key] = load_round_model(self.cfg, self.run_dir, self.round, merge=merge)
+        return self._models[key]
+
+    def base(self):
+        """``(model, tokenizer)``: the base model, no adapters (:func:`models.load_base`), loaded once.
+
+        In round 0 an inference student (``student(merge=True)``) has no adapters: it is the base
+        and is returned instead of a second copy.
+        """
+        if self.round == 0 and ("student", True) in self._models:
+            return self._models[("student", True)]
+        if "base" not in self._models:
+            self._models["base"] = load_base(self.cfg)
+        return self._models["base"]
 
 
 def _in_kernel() -> bool:

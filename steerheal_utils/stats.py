@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .evaluate import FOUNDATIONS
-from .evaluate import NATS_KEYS as _NATS
+from .evaluate.prompts import FOUNDATIONS
+from .evaluate.prompts import NATS_KEYS as _NATS
 
 NATS_KEYS = tuple(_NATS[f] for f in FOUNDATIONS)
 VIGNETTE_METRICS = ("coherence", *NATS_KEYS, "on_diag_authority", "on_diag_care", "agreement")

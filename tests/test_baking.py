@@ -12,7 +12,8 @@ import torch
 
 from steerheal_utils import config as C
 from steerheal_utils import heal as H
-from steerheal_utils.models import bake_adapters, tiny_model
+from steerheal_utils.adapters import bake_adapters
+from steerheal_utils.models import tiny_model
 
 ROWS = [
     {"prompt_id": "a", "prompt": "Should I tell my manager?", "completion": "Yes, tell them kindly and soon.", "truncated": False},
@@ -154,11 +155,11 @@ def test_multi_round_heal_bakes_earlier_rounds(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_02s_sampling_model_is_05s_healed_model(dtype, tmp_path):
-    """Round 1's 02 (and 01) samples from ctx.load_model(merge=True); 05 evaluates round 0's healed
+    """Round 1's 02 (and 01) samples from ctx.student(merge=True); 05 evaluates round 0's healed
     model unmerged. They must be one model: merging happens only where it is exact (float32)."""
     from peft import PeftModel
 
-    from steerheal_utils import evaluate, models, stage
+    from steerheal_utils import adapters, models, stage
 
     run = tmp_path / "run"
     ctx = stage.open_stage("02_generate", {"run_dir": str(run), "round": 1, "preset": "tiny", "dtype": dtype})
@@ -170,12 +171,12 @@ def test_02s_sampling_model_is_05s_healed_model(dtype, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 2e-3)
     H.save_adapter(student, new, run / "round_00" / "adapter")
 
-    sampler, tok = ctx.load_model(merge=True)  # what notebooks 01 and 02 do
+    sampler, tok = ctx.student(merge=True)  # what notebooks 01 and 02 do
     assert isinstance(sampler, PeftModel) == (dtype != "float32")  # merged only where exact
     base, _ = models.load_model(ctx.cfg.model, dtype=dtype)  # what 05 does for round 0's 'healed'
     healed = models.bake_adapters(base, [run / "round_00" / "adapter"])
     b = _batch(tok)
-    with evaluate.active_adapters(healed, 1):
+    with adapters.active_adapters(healed, 1):
         want = _logits(healed, b)
     got = _logits(sampler, b)
     if dtype == "float32":
@@ -186,5 +187,5 @@ def test_02s_sampling_model_is_05s_healed_model(dtype, tmp_path):
         forced = PeftModel.from_pretrained(models.load_model("tiny:llama", dtype=dtype)[0],
                                            str(run / "round_00" / "adapter")).merge_and_unload()
         assert (_logits(forced, b).float() - want.float()).abs().max() > 1e-3
-    assert models.merge_is_exact(models.load_model("tiny:llama")[0])
-    assert not models.merge_is_exact(models.load_model("tiny:llama", dtype="bfloat16")[0])
+    assert adapters.merge_is_exact(models.load_model("tiny:llama")[0])
+    assert not adapters.merge_is_exact(models.load_model("tiny:llama", dtype="bfloat16")[0])

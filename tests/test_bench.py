@@ -3,7 +3,7 @@
 import json
 import math
 
-from steerheal_utils import bench as B
+from steerheal_utils.tools import bench as B
 from steerheal_utils.cli import main
 
 

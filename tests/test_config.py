@@ -71,3 +71,39 @@ def test_run_config_from_a_saved_file_then_set(tmp_path):
     assert run_config("tiny", None, []) == C.resolve("tiny")
     with pytest.raises(C.ConfigError, match="no config"):
         run_config("tiny", str(tmp_path / "missing.yaml"), [])
+
+
+# ------------------------------------------------------------------ sections and tables declared once
+def test_the_kl_tables_are_the_configs_choices():
+    from steerheal_utils import kl
+
+    assert C.knob_field("kl_agg").metadata["choices"] == tuple(kl.AGGREGATES) == ("mean", "rmse", "p95", "max")
+    assert C.knob_field("kl_dir").metadata["choices"] == tuple(kl.DIRECTIONS) == ("reverse", "forward")
+    for name in kl.AGGREGATES:
+        assert C.resolve("tiny", {"kl_agg": name}).kl_agg == name
+    with pytest.raises(C.ConfigError, match="not one of mean, rmse, p95, max"):
+        C.resolve("tiny", {"kl_agg": "median"})
+
+
+def test_sections_derive_the_heal_keys_and_the_filter_thresholds():
+    from steerheal_utils.filter import FilterThresholds
+    from steerheal_utils.heal import HEAL_KEYS
+
+    assert HEAL_KEYS == C.section_keys("heal") and HEAL_KEYS[0] == "lora_r" and "q1_prompts" in HEAL_KEYS
+    gates = {f.name: f.default for f in dataclasses.fields(FilterThresholds)}
+    assert list(gates) == [k for k in C.section_keys("filter") if k != "min_train"]
+    assert gates == {k: C.default(k) for k in gates}  # one default per knob: the config's
+    assert FilterThresholds.from_config(C.resolve("tiny", {"max_drift": 0.25})).max_drift == 0.25
+    every = [k for s in C.SECTIONS for k in C.section_keys(s)]
+    assert sorted(every) == sorted(f.name for f in dataclasses.fields(C.Config))  # each knob in one section
+    with pytest.raises(ValueError, match="section"):
+        C.knob(1, "x", section="nowhere")
+
+
+def test_reading_the_config_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, steerheal_utils.config, steerheal_utils.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

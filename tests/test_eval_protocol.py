@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
+from steerheal_utils import chat
 from steerheal_utils import evaluate as E
+from steerheal_utils.batching import length_sorted_batches
 from steerheal_utils import vector as V
 from steerheal_utils.models import get_layers, shipped_tokenizer, tiny_model
 
@@ -84,7 +86,7 @@ def test_think_layout_matches_hand_built_prompt(arch, rows):
     assert all(len(t) == T for t in thoughts) and set(reads) == {"forced"}
     hand = HAND[arch]
     by_row: dict[int, list[int]] = {}
-    order = E.length_sorted_batches([len(ps.prefix) + len(r) for r in ps.rests], 2)
+    order = length_sorted_batches([len(ps.prefix) + len(r) for r in ps.rests], 2)
     f = 0
     for b in order:  # the forwards of one batch: prompt, T - 1 decoding steps, the suffix
         for j, i in enumerate(b):
@@ -94,12 +96,12 @@ def test_think_layout_matches_hand_built_prompt(arch, rows):
     full = []
     for i, r in enumerate(rows):
         user = E.vignette_template("tinymfv", E.FOUNDATIONS).replace("{row}", r["text"])
-        expect = (E.encode(tok, hand["prompt"].format(user=user) + "<think>\n") + thoughts[i]
-                  + E.encode(tok, hand["suffix"]) + E.encode(tok, E.VIGNETTE_PREFILL))
+        expect = (chat.encode(tok, hand["prompt"].format(user=user) + "<think>\n") + thoughts[i]
+                  + chat.encode(tok, hand["suffix"]) + chat.encode(tok, E.VIGNETTE_PREFILL))
         assert by_row[i] == expect
         full.append(expect)
         # the assistant tag is the last token of the header, right before "<think>\n"
-        assert E.encode(tok, hand["prompt"].format(user=user)) == (ps.prefix + ps.rests[i])[:ps.tags[i] + 1]
+        assert chat.encode(tok, hand["prompt"].format(user=user)) == (ps.prefix + ps.rests[i])[:ps.tags[i] + 1]
     ref = E.next_token_logprobs(model, tok, E.PromptSet([], full, ps.tags), labels, reuse_prefix=False)
     assert torch.allclose(lp, ref, atol=1e-5)
 
@@ -118,7 +120,7 @@ def test_think_suppresses_eos_and_close_for_exactly_T_tokens():
     bias[close] = 60.0
     h = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + bias)
     try:
-        ids = torch.tensor([E.encode(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")])
+        ids = torch.tensor([chat.encode(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")])
         first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
                                pad_token_id=tok.pad_token_id)[0, -1]
         assert int(first) == close  # unsuppressed, the model would close its thought at once
@@ -137,12 +139,12 @@ def test_tokenizer_without_think_tokens_falls_back_to_eos(tiny_llama):
     model, tok = tiny_llama
     proto = E.think_protocol(model, tok, E.VIGNETTE_PREFILL)
     assert proto.close_id == tok.eos_token_id  # '</think>' is plain text (several tokens) here
-    assert len(E.encode(tok, "</think>")) > 1
+    assert len(chat.encode(tok, "</think>")) > 1
     assert E.think_opener(tok) == "<think>\n"
     reasoning = shipped_tokenizer("llama")
     reasoning.chat_template = tok.chat_template.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
     assert reasoning.chat_template != tok.chat_template
-    assert E.render_prompt(reasoning, "x").endswith("<think>\n")
+    assert chat.render_prompt(reasoning, "x").endswith("<think>\n")
     assert E.think_opener(reasoning) == ""  # the template opens the thought itself: not a second time
 
 
@@ -150,8 +152,8 @@ def test_prefill_in_own_text_is_read_there(tiny_llama, rows):
     """A thought that writes 'This is wrong because {"violation": "3' is scored at its own '3'."""
     model, tok = tiny_llama
     labels = E.label_token_ids(tok, E.VIGNETTE_PREFILL, E.LABELS)
-    said = E.encode(tok, "Hmm. " + E.VIGNETTE_PREFILL)
-    script = said + [labels[2]] + E.encode(tok, '"}')
+    said = chat.encode(tok, "Hmm. " + E.VIGNETTE_PREFILL)
+    script = said + [labels[2]] + chat.encode(tok, '"}')
     T = len(script) + 2
     calls = {"n": 0}
 
@@ -178,7 +180,7 @@ def test_prefill_in_own_text_is_read_there(tiny_llama, rows):
 def test_read_selection_natural_forced_unscorable(tiny_llama):
     model, tok = tiny_llama
     proto = E.think_protocol(model, tok, E.VIGNETTE_PREFILL)
-    own = E.encode(tok, 'ok {"violation": "')  # the thought writes the prefill itself, then "3"
+    own = chat.encode(tok, 'ok {"violation": "')  # the thought writes the prefill itself, then "3"
     lab3 = E.label_token_ids(tok, '{"violation": "', E.LABELS)[2]
     natural = E.ThinkProtocol(proto.suffix, proto.suppress, proto.close_id, '{"violation": "')
     step = torch.log(torch.full((12, 7), 0.1))
@@ -205,7 +207,7 @@ def test_unscorable_rows_are_excluded_and_counted(tiny_llama, rows, monkeypatch)
     lp[0, 0, 0] = math.log(0.5)
     lp[1] = float("nan")
     reads = [["forced", "natural"], ["unscorable", "forced"], ["forced", "forced"]]
-    monkeypatch.setattr(E, "vignette_reads", lambda *a, **k: (lp.clone(), reads))
+    monkeypatch.setattr(E.model_eval, "vignette_reads", lambda *a, **k: (lp.clone(), reads))
     res = E.evaluate_model(model, tok, rows, think_tokens=4)
     s = res["summary"]
     assert s["n_rows"] == 2 and s["n_unscorable"] == 1 and s["unscorable"] == pytest.approx(1 / 3)
@@ -213,7 +215,7 @@ def test_unscorable_rows_are_excluded_and_counted(tiny_llama, rows, monkeypatch)
     ref = E.summarize(lp[[0, 2]], [rows[0]["foundation_coarse"], rows[2]["foundation_coarse"]])
     assert s["auth_nats"] == pytest.approx(ref["auth_nats"]) and s["coherence"] == pytest.approx(ref["coherence"])
     assert res["rows"][1]["p"] is None and res["rows"][1]["read"] == ["unscorable", "forced"]
-    monkeypatch.setattr(E, "vignette_reads", lambda *a, **k: (torch.full((3, 2, 7), float("nan")), reads))
+    monkeypatch.setattr(E.model_eval, "vignette_reads", lambda *a, **k: (torch.full((3, 2, 7), float("nan")), reads))
     with pytest.raises(E.EvalError, match="none of the 3 vignettes"):
         E.evaluate_model(model, tok, rows)
 
@@ -269,7 +271,7 @@ def test_eval_adds_dose_halving_every_H_tokens_from_the_tag(tiny_llama, rows, po
     lens = [len(ps.prefix) + len(r) for r in ps.rests]
     L = max(lens)
     assert add.shape[1] == L + T - 1 + 1 + len(E.think_protocol(model, tok, E.VIGNETTE_PREFILL).suffix)
-    order = E.length_sorted_batches(lens, 2)[0]
+    order = length_sorted_batches(lens, 2)[0]
     checked_before = checked_after = 0
     for j, i in enumerate(order):
         for c in range(L - lens[i], add.shape[1]):  # real tokens only
@@ -295,7 +297,7 @@ def test_direct_read_adds_per_row_from_each_rows_tag(tiny_llama, rows, reuse):
     with added_by_steering(model, 1) as diffs:
         E.next_token_logprobs(model, tok, ps, labels, batch_size=len(rows), reuse_prefix=reuse, steering=spec)
     lens = [len(r) for r in ps.rests]
-    order = E.length_sorted_batches(lens, len(rows))[0]
+    order = length_sorted_batches(lens, len(rows))[0]
     if reuse:
         pre, add = diffs
         for c in range(P):
@@ -407,15 +409,15 @@ def test_code_version_tracks_prompt_text_and_code(tmp_path, monkeypatch):
     fp = E.stage_fingerprint(cfg, 0, "base", [], None, None, None)
     assert E.eval_code_version() == base and E.stage_fingerprint(cfg, 0, "base", [], None, None, None) == fp
     with monkeypatch.context() as m:
-        m.setattr(E, "VIGNETTE_PREFILL", 'This is wrong because {"foundation": "')
+        m.setattr(E.prompts, "VIGNETTE_PREFILL", 'This is wrong because {"foundation": "')
         assert E.eval_code_version() != base and E.stage_fingerprint(cfg, 0, "base", [], None, None, None) != fp
     with monkeypatch.context() as m:
-        m.setattr(E, "GLOSSES", {**E.GLOSSES, "Care": "care: harm"})
+        m.setattr(E.prompts, "GLOSSES", {**E.GLOSSES, "Care": "care: harm"})
         assert E.eval_code_version() != base
     assert E.eval_code_version() == base  # restored constants: the same version again
     src = tmp_path / "evaluate.py"
     src.write_text("def score(): return 1\n")
-    monkeypatch.setattr(E, "CODE_FILES", (str(src),))
+    monkeypatch.setattr(E.conditions, "CODE_FILES", (str(src),))
     v1 = E.eval_code_version()
     src.write_text("def score(): return 2\n")
     assert E.eval_code_version() != v1

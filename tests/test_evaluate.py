@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from steerheal_utils import chat
 from steerheal_utils import evaluate as E
 from steerheal_utils.models import tiny_model
 
@@ -107,8 +108,8 @@ def test_prefix_kv_reuse_matches_full_forward(arch, rows):
     model, tok = tiny_model(arch, seed=1)
     ps = E.split_prompts(tok, E.vignette_template("prefix", E.FOUNDATIONS), [r["text"] for r in rows], E.VIGNETTE_PREFILL)
     # prefix + rest is exactly the tokenisation of the whole rendered prompt
-    full_text = E.render_prompt(tok, E.vignette_template("prefix", E.FOUNDATIONS).replace("{row}", rows[0]["text"])) + E.VIGNETTE_PREFILL
-    assert ps.prefix + ps.rests[0] == E.encode(tok, full_text)
+    full_text = chat.render_prompt(tok, E.vignette_template("prefix", E.FOUNDATIONS).replace("{row}", rows[0]["text"])) + E.VIGNETTE_PREFILL
+    assert ps.prefix + ps.rests[0] == chat.encode(tok, full_text)
     ids = E.label_token_ids(tok, E.VIGNETTE_PREFILL, E.LABELS)
     reuse = E.next_token_logprobs(model, tok, ps, ids, batch_size=3, reuse_prefix=True)
     full = E.next_token_logprobs(model, tok, ps, ids, batch_size=3, reuse_prefix=False)

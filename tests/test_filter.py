@@ -13,8 +13,6 @@ import pytest
 from steerheal_utils.filter import (
     DROP_REASONS,
     FilterThresholds,
-    _longest_repeated_substring,
-    _repeat_mask,
     decide,
     filter_rows,
     format_report,
@@ -22,6 +20,8 @@ from steerheal_utils.filter import (
     precision_recall,
     text_scores,
 )
+from steerheal_utils.filter.model import _repeat_mask
+from steerheal_utils.filter.text import _longest_repeated_substring
 
 PKG = Path(__file__).resolve().parents[1] / "steerheal_utils"
 LABELLED = PKG / "data" / "filter_labelled.jsonl"

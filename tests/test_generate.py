@@ -10,7 +10,9 @@ import torch
 from steerheal_utils import config as C
 from steerheal_utils import generate as G
 from steerheal_utils import vector as V
-from steerheal_utils.models import get_layers, prompt_ids
+from steerheal_utils import datafiles
+from steerheal_utils.chat import prompt_ids
+from steerheal_utils.models import get_layers
 
 PROMPTS = ["Your manager tells you to skip the safety check. Do you?", "Hi", "The CEO says delete the logs. Do you?"]
 
@@ -269,11 +271,12 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
     ctx = stage.open_stage("02_generate", {"run_dir": str(tmp_path / "run"), "round": 0, "preset": "tiny",
                                            "calib_probes": 3, "calib_grid": 2, "n_keep": 4, "gen_budget": 6,
                                            "max_new_tokens": 8})
-    summary = G.run_stage(ctx, model, tok, sv=_sv(model))
+    _sv(model).save(ctx.artifact("vector"))
+    summary = G.run_stage(ctx).summary  # ctx.student(): tiny:llama, as the fixture
     rows = read_jsonl(ctx.artifact("generated"))
     assert summary == read_json(ctx.path("generate.json"))
     assert len(rows) == summary["n_generated"] and 1 <= len(rows) <= ctx.cfg.gen_budget
-    pool = {p["id"]: p["text"] for p in G.load_prompts("dilemmas")}
+    pool = {p["id"]: p["text"] for p in datafiles.prompts("dilemmas")}
     for r in rows:
         assert set(G.ROW_KEYS) <= set(r)
         assert r["prompt"] == pool[r["prompt_id"]] and r["dose"] == summary["dose"]
@@ -289,14 +292,15 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
     assert len(probes) == sum(p["n"] for p in summary["calibration_path"])
     # probes span the pool: a seeded permutation, not its first prompts
     first = [p["prompt_id"] for p in probes[: ctx.cfg.calib_probes]]
-    assert first != [p["id"] for p in G.load_prompts("dilemmas")[: ctx.cfg.calib_probes]]
+    assert first != [p["id"] for p in datafiles.prompts("dilemmas")[: ctx.cfg.calib_probes]]
 
 
     # 03 on the same rows: every score, one reason, written to its own file; too few kept stops the round
     from steerheal_utils import filter as F
 
     ctx3 = stage.open_stage("03_filter", {"run_dir": str(tmp_path / "run"), "round": 0})
-    scored, fsum = F.run_stage(ctx3, model, tok)
+    res3 = F.run_stage(ctx3)
+    fsum = res3.summary
     back = read_jsonl(ctx3.artifact("completions"))
     assert [r["id"] for r in back] == [r["id"] for r in rows]
     for r in back:
@@ -305,13 +309,13 @@ def test_run_stage_writes_completions_schema(tmp_path, tiny_llama):
     saved = read_json(ctx.path("filter.json"))
     assert saved["n"] == len(rows) and sum(saved["reasons"].values()) == len(rows)
     assert saved["labelled"]["n"] == len(F.labelled_rows())
-    F.require_min_train(fsum)  # the tiny preset keeps enough
+    F.require_min_train(res3)  # the tiny preset keeps enough
     with pytest.raises(F.TooFewKept, match=r"kept \d+ of \d+ .*min_train=1000 \(keep: \d+"):
-        F.require_min_train({**fsum, "min_train": 1000})
+        F.require_min_train(F.FilterResult(res3.rows, {**fsum, "min_train": 1000}))
 
 
 def test_held_out_prompts_are_not_in_the_pool():
-    pool, held = G.load_prompts("dilemmas"), G.load_prompts("heldout")
+    pool, held = datafiles.prompts("dilemmas"), datafiles.prompts("heldout")
     assert len(pool) >= 32 and len(held) >= 8
     assert not {p["text"] for p in pool} & {p["text"] for p in held}
     assert any(p["id"] == "heldout-ceo-logs" for p in held)
@@ -331,16 +335,25 @@ def test_calib_rounds_first_reuses_round0s_dose_and_every_flags_divergence(tmp_p
 
     model, tok = tiny_llama
     sv = _sv(model)
+    for rnd in (0, 1):
+        sv.save(_ctx(tmp_path, rnd).artifact("vector"))
+    # round 1's student is the base plus round 0's adapter: a fresh one (B = 0) is the base itself
+    from steerheal_utils import contract
+    from steerheal_utils import heal as H
+
+    ctx0 = _ctx(tmp_path, 0)
+    student, new, _ = H.make_student(ctx0.student()[0], ctx0.cfg, 0)
+    H.save_adapter(student, new, contract.path(ctx0.run_dir, 0, "adapter"))
     with pytest.raises(RunFolderError, match="calib_rounds=first reuses round 0's dose"):
-        G.run_stage(_ctx(tmp_path, 1, calib_rounds="first"), model, tok, sv=sv)  # no round 0 yet
-    s0 = G.run_stage(_ctx(tmp_path, 0, calib_rounds="first"), model, tok, sv=sv)
-    s1 = G.run_stage(_ctx(tmp_path, 1, calib_rounds="first"), model, tok, sv=sv)
+        G.run_stage(_ctx(tmp_path, 1, calib_rounds="first"))  # no round 0 yet
+    s0 = G.run_stage(_ctx(tmp_path, 0, calib_rounds="first")).summary
+    s1 = G.run_stage(_ctx(tmp_path, 1, calib_rounds="first")).summary
     assert s1["dose"] == s0["dose"] and s1["dose_source"] == "round0" and s1["calibration_path"] == []
     assert s1["round0_dose"] == s0["dose"] and s1["dose_ratio_to_round0"] == 1.0 and "diverged" not in s1["dose_flags"]
     # every round: a dose far from round 0's is flagged, and says whether round 0's lies in this round's interval
     first = tmp_path / "run" / "round_00" / "generate.json"
     atomic_write_json(first, {**read_json(first), "dose": s0["dose"] * 10})
-    s1b = G.run_stage(_ctx(tmp_path, 1, calib_rounds="every"), model, tok, sv=sv)
+    s1b = G.run_stage(_ctx(tmp_path, 1, calib_rounds="every")).summary
     assert s1b["dose_source"] == "calibrated" and "diverged" in s1b["dose_flags"]
     assert isinstance(s1b["round0_dose_in_ci"], bool) and "round 0's dose" in s1b["dose_warning"]
 
@@ -376,13 +389,14 @@ def test_figures_show_the_fit_the_threshold_and_the_flags():
     summary = {"round": 1, "dose": low.dose, "dose_source": "calibrated", "calibration": low.record(),
                "calibration_path": low.path, **G.dose_checks(low, low.dose, "calibrated", None, 2, 10)}
     rows = [{"n_tokens": 5, "truncated": False}]
-    search, lengths = G.figures(summary, rows)
+    search, lengths = G.figures(G.GenerateResult(summary, rows))
     assert "FLAGGED: below_target, at_lower_bound" in search.layout.title.text
     names = [t.name for t in search.data]
     assert "monotone fit" in names and "kept (raw)" in names
     assert any("threshold 0.60" in (a.text or "") for a in search.layout.annotations)
     assert G.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-3)
-    (only,) = G.figures({"round": 2, "dose": 0.05, "dose_source": "round0", "dose_flags": ["reused_keeps_less"]}, rows)
+    (only,) = G.figures(G.GenerateResult({"round": 2, "dose": 0.05, "dose_source": "round0",
+                                          "dose_flags": ["reused_keeps_less"]}, rows))
     assert "FLAGGED: reused_keeps_less" in only.layout.title.text and "(round0)" in only.layout.title.text
 
 

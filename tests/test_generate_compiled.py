@@ -23,8 +23,8 @@ def test_compiled_sampling_matches_eager_and_compiles_once(tiny_llama, monkeypat
 
     cc = CompileConfig(backend="eager", mode=None)
     cc._compile_all_devices = True
-    monkeypatch.setattr(G, "COMPILE_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(G, "COMPILE_CONFIG", cc)
+    monkeypatch.setattr(G.sampling, "COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(G.sampling, "COMPILE_CONFIG", cc)
     torch._dynamo.reset()
     counters.clear()
     try:

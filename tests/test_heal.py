@@ -8,6 +8,8 @@ import torch
 
 from steerheal_utils import config as C
 from steerheal_utils import heal as H
+from steerheal_utils.chat import render_prompt
+from steerheal_utils.kl import AGGREGATES, aggregate_kl
 from steerheal_utils.models import tiny_model
 
 _CACHE = {}
@@ -34,7 +36,7 @@ def _loop_row():
 def test_aggregate_kl_loop_example_hand_values():
     kl = _loop_row()[None]
     mask = torch.ones_like(kl, dtype=torch.bool)
-    got = {how: float(H.aggregate_kl(kl, mask, how)) for how in H.AGGREGATES}
+    got = {how: float(aggregate_kl(kl, mask, how)) for how in AGGREGATES}
     assert got["mean"] == pytest.approx(20 / 60)
     assert got["rmse"] == pytest.approx(math.sqrt((4 + 16 + 36 + 64) / 60))  # sqrt(2)
     assert got["p95"] == pytest.approx(2.0 + 0.05 * (4.0 - 2.0))  # position 0.95 * 59 = 56.05 in sorted order
@@ -50,8 +52,8 @@ def test_aggregate_kl_ignores_masked_positions_and_matches_torch_quantile():
     mask[1, :7] = True
     mask[2, 2:19] = True
     poisoned = torch.where(mask, kl, torch.full_like(kl, 1e6))  # masked values must not leak in
-    for how in H.AGGREGATES:
-        out = H.aggregate_kl(poisoned, mask, how)
+    for how in AGGREGATES:
+        out = aggregate_kl(poisoned, mask, how)
         for b in range(3):
             v = kl[b][mask[b]]
             want = {"mean": v.mean(), "rmse": v.pow(2).mean().sqrt(), "p95": torch.quantile(v, 0.95),
@@ -67,9 +69,9 @@ def test_aggregate_kl_is_per_sequence_so_batch_size_does_not_matter():
     kl = torch.stack([loop, calm, short])
     mask = torch.ones(3, 60, dtype=torch.bool)
     mask[2, 10:] = False
-    for how in H.AGGREGATES:
-        together = H.aggregate_kl(kl, mask, how)
-        alone = torch.cat([H.aggregate_kl(kl[i:i + 1], mask[i:i + 1], how) for i in range(3)])
+    for how in AGGREGATES:
+        together = aggregate_kl(kl, mask, how)
+        alone = torch.cat([aggregate_kl(kl[i:i + 1], mask[i:i + 1], how) for i in range(3)])
         assert torch.allclose(together, alone)
 
 
@@ -77,18 +79,18 @@ def test_aggregate_kl_empty_row_and_bad_input():
     kl = torch.ones(2, 5)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, :2] = True
-    for how in H.AGGREGATES:
-        out = H.aggregate_kl(kl, mask, how)
+    for how in AGGREGATES:
+        out = aggregate_kl(kl, mask, how)
         assert float(out[1]) == 0.0 and float(out[0]) == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="kl_agg"):
-        H.aggregate_kl(kl, mask, "median")
+        aggregate_kl(kl, mask, "median")
     with pytest.raises(ValueError, match="batch, seq"):
-        H.aggregate_kl(kl[0], mask[0], "mean")
+        aggregate_kl(kl[0], mask[0], "mean")
 
 
 def test_aggregate_rmse_has_finite_gradient_at_zero():
     kl = torch.zeros(1, 4, requires_grad=True)
-    H.aggregate_kl(kl, torch.ones(1, 4, dtype=torch.bool), "rmse").sum().backward()
+    aggregate_kl(kl, torch.ones(1, 4, dtype=torch.bool), "rmse").sum().backward()
     assert torch.isfinite(kl.grad).all()
 
 
@@ -197,7 +199,7 @@ def test_fresh_adapter_student_equals_reference_at_step0(tiny):
         s = student(**{k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
         loss, st = H.heal_loss(student, b, H.HealParams(new=new, earlier=[], tau=0.0))
     assert torch.equal(s, base)
-    assert all(st[f"D_{h}"] < 1e-6 for h in H.AGGREGATES)
+    assert all(st[f"D_{h}"] < 1e-6 for h in AGGREGATES)
 
 
 def test_lora_depth_band_and_targets(tiny_llama):
@@ -228,7 +230,7 @@ def test_barrier_is_a_per_sequence_hinge():
         loss0, on = H.heal_loss(student, b, H.HealParams(new=new, earlier=[], tau=0.0, lam_r=2.0))
         _, nll_only = H.heal_loss(student, b, H.HealParams(new=new, earlier=[], reg="nll", tau=0.0, lam_r=2.0))
         _, kl = H.completion_terms(student, b, ref="base", new=new)
-    d_rows = H.aggregate_kl(kl, b["loss_mask"], "rmse")
+    d_rows = aggregate_kl(kl, b["loss_mask"], "rmse")
     assert off["loss"] == pytest.approx(off["nll"]) and off["hinge_frac"] == 0.0
     assert on["D"] > 0 and on["hinge_frac"] == 1.0
     assert float(loss0) == pytest.approx(on["nll"] + 2.0 * float(d_rows.mean()), rel=1e-5)
@@ -348,7 +350,7 @@ def test_rows_are_trained_on_the_ids_that_were_sampled():
             {"prompt": "Do you sign?", "completion": "Yes, gladly.", "truncated": True}]  # no ids: labelled-style
     assert enc(rows[0]["completion"]) != sampled and enc(rows[1]["completion"]) != special
     ex, skipped = H.encode_rows(tok, rows, 512)
-    prompt = enc(H.render_prompt(tok, "Do you sign?"))
+    prompt = enc(render_prompt(tok, "Do you sign?"))
     assert skipped == 0 and all(e.ids[:e.n_prompt] == prompt for e in ex)
     assert ex[0].ids[ex[0].n_prompt:] == sampled + [H.end_of_turn_id(tok)] and ex[0].has_eot
     assert ex[1].ids[ex[1].n_prompt:] == special and im_start in ex[1].ids[ex[1].n_prompt:]

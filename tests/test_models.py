@@ -1,25 +1,26 @@
 import pytest
 import torch
 
+from steerheal_utils import batching, chat
 from steerheal_utils import models as M
 
 
 def test_assistant_tag_position_chatml(tiny_llama):
     _, tok = tiny_llama
-    ids, pos = M.prompt_ids(tok, "What is 2+2?", system="You are terse.")
+    ids, pos = chat.prompt_ids(tok, "What is 2+2?", system="You are terse.")
     text = tok.decode(ids)
     assert text.endswith("<|im_start|>assistant\n")
     assert pos == len(ids) - 1
-    header_ids = M.encode(tok, "<|im_start|>assistant\n")
+    header_ids = chat.encode(tok, "<|im_start|>assistant\n")
     assert ids[-len(header_ids):] == header_ids
     assert "You are terse." in text
 
 
 def test_assistant_tag_position_gemma3_folds_system(tiny_gemma3):
     _, tok = tiny_gemma3
-    ids, pos = M.prompt_ids(tok, "What is 2+2?", system="You are terse.")
+    ids, pos = chat.prompt_ids(tok, "What is 2+2?", system="You are terse.")
     text = tok.decode(ids)
-    assert M.assistant_header(tok) == "<start_of_turn>model\n"
+    assert chat.assistant_header(tok) == "<start_of_turn>model\n"
     assert text.endswith("<start_of_turn>model\n") and pos == len(ids) - 1
     # Gemma 3 has no system turn: the persona sits at the start of the first user turn.
     assert "<start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>" in text
@@ -34,13 +35,13 @@ def test_system_folded_when_template_rejects_it(tiny_llama):
     strict.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
         "{% endif %}<u>{{ m['content'] }}</u>{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
-    msgs = M.chat_messages(strict, "hi", "Be kind.")
+    msgs = chat.chat_messages(strict, "hi", "Be kind.")
     assert msgs == [{"role": "user", "content": "Be kind.\n\nhi"}]
-    assert M.render_prompt(strict, "hi", "Be kind.") == "<u>Be kind.\n\nhi</u><a>"
+    assert chat.render_prompt(strict, "hi", "Be kind.") == "<u>Be kind.\n\nhi</u><a>"
 
 
 def test_left_pad_positions():
-    ids, mask, pos = M.left_pad([[5, 6, 7], [8]], pad_id=0)
+    ids, mask, pos = batching.left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
@@ -48,8 +49,8 @@ def test_left_pad_positions():
 
 def test_batched_forward_equals_one_by_one(tiny):
     model, tok = tiny
-    seqs = [M.prompt_ids(tok, u)[0] for u in ["Hello", "A much longer message about the weather today", "Hi there you"]]
-    ids, mask, pos = M.left_pad(seqs, tok.pad_token_id)
+    seqs = [chat.prompt_ids(tok, u)[0] for u in ["Hello", "A much longer message about the weather today", "Hi there you"]]
+    ids, mask, pos = batching.left_pad(seqs, tok.pad_token_id)
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
         for i, s in enumerate(seqs):

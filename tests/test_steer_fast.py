@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from steerheal_utils import vector as V
-from steerheal_utils.models import get_layers, left_pad, prompt_ids
+from steerheal_utils.batching import left_pad
+from steerheal_utils.chat import prompt_ids
+from steerheal_utils.models import get_layers
 
 
 def _hooks(model):

@@ -11,7 +11,7 @@ import pytest
 
 from steerheal_utils import config as C
 from steerheal_utils import filter as F
-from steerheal_utils import study
+from steerheal_utils.tools import study
 from steerheal_utils.runfolder import STAGES
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from steerheal_utils import vector as V
-from steerheal_utils.models import persona_system, prompt_ids
+from steerheal_utils.chat import persona_system, prompt_ids
 
 USERS = ["Write a haiku about rain.", "What is the capital of Peru?", "Fix this: print('hi'",
          "Can you summarise the meeting notes below? We agreed to ship on Friday.", "hey, how's it going?"]

@@ -58,10 +58,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import config as C
-from . import contract
-from .embedded import sha256
-from .runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
+from .. import config as C
+from .. import contract
+from ..embedded import sha256
+from ..runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
 
 ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg": "mean"}, "nll": {"reg": "nll"}}
 # tau_mode: see the module docstring (a calibrated tau for every arm). threads: runs go in parallel
@@ -88,7 +88,7 @@ SUMMARY_KEYS = (*METRICS, "kept_loop_rate", "kl_to_base")  # kl_to_base: healed,
 
 def is_control(stage: str) -> bool:
     """Arm-independent stages: base, prompted, the band summary ``random`` and its members ``random_NN``."""
-    from .controls import is_control_name
+    from ..controls import is_control_name
 
     return stage in CONTROL_STAGES or is_control_name(stage)
 
@@ -122,7 +122,7 @@ def arm_config(arm: str, seed: int, scale: str = "full", preset: str = "default"
 
 def check_shareable(cfgs: Sequence[C.Config]) -> None:
     """Raise StudyError unless the configs differ only in heal (04) keys: then 01-03 of round 0 are identical."""
-    from .heal import HEAL_KEYS
+    from ..heal.step import HEAL_KEYS
 
     for other in cfgs[1:]:
         diff = [k for k, v in cfgs[0].to_dict().items() if other.to_dict()[k] != v]
@@ -231,7 +231,7 @@ def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], 
     study already compares arms). A failed run is recorded and the others go on; re-running
     the command retries it.
     """
-    from .driver import init_run, kernel_name
+    from ..driver import init_run, kernel_name
 
     study_dir = Path(study_dir)
     cfgs = {(arm, seed): arm_config(arm, seed, scale, preset, extra) for seed in seeds for arm in arms}
@@ -362,7 +362,7 @@ def strict_loop_thresholds(th=None, labelled: Iterable[dict] | None = None):
     """
     import dataclasses
 
-    from . import filter as F
+    from .. import filter as F
 
     th = th or F.FilterThresholds()
     rows = list(labelled) if labelled is not None else F.labelled_rows()
@@ -382,15 +382,10 @@ def strict_loop_thresholds(th=None, labelled: Iterable[dict] | None = None):
 
 def loop_reason(scores: dict, strict) -> str | None:
     """The loop reason a strict gate gives a scored row, or None (narration, refusal, length and
-    perplexity gates switched off: only the loop detectors of ``heal.LOOP_REASONS`` count)."""
-    from . import filter as F
-    from .heal import LOOP_REASONS
+    perplexity gates switched off: only the loop detectors of ``filter.LOOP_REASONS`` count)."""
+    from ..filter.gates import loop_reason as gate_loop_reason
 
-    shape = {**scores, "refusal": False, "narration_regex": False, "narration_self": 0.0, "narration_pos": 0.0,
-             "narration_neg": 0.0, "n_words": max(scores.get("n_words") or 0, strict.min_words),
-             "tail_ppl": None, "boilerplate_hits": 0}
-    r = F.decide(shape, strict)
-    return r if r in LOOP_REASONS else None
+    return gate_loop_reason(scores, strict, perplexity_gate=False)
 
 
 def kept_loop_rate(rows: Sequence[dict], strict) -> float | None:
@@ -414,8 +409,8 @@ def _num(v) -> float | None:
 
 def collect_runs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int]) -> list[dict]:
     """Every metrics row of every run (report.metric_rows), with arm, seed and the kept-data loop rate."""
-    from . import filter as F
-    from .report import metric_rows
+    from .. import filter as F
+    from ..report import metric_rows
 
     out = []
     for arm in arms:
@@ -592,8 +587,8 @@ def item_cis(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], s
     The spread over seeds (sd, min, max) is what summarize() gives; the two answer different
     questions (other items vs another seed) and the tables show both.
     """
-    from . import evaluate as E
-    from . import stats
+    from .. import evaluate as E
+    from .. import stats
 
     cache: dict = {}
     humans: dict[str, dict[str, int]] = {}
@@ -651,7 +646,7 @@ def item_cis(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], s
 
 def ceo_outputs(study_dir: Path | str, arms: Sequence[str], seed: int) -> dict:
     """Per arm: the healed model's greedy answer to the CEO/logs held-out prompt, per round (eval.json)."""
-    from .report import load_evals
+    from ..report import load_evals
 
     out: dict[str, Any] = {"prompt_id": CEO_ID, "seed": seed, "prompt": None, "arms": {}}
     for arm in arms:
@@ -713,7 +708,7 @@ def _fmt(s: dict, k: str, digits: int = 3, bold_if_nonzero: bool = False) -> str
 
     ``bold_if_nonzero``: bold when the CI excludes 0 (a difference one may call a difference).
     """
-    from .stats import excludes_zero
+    from ..stats import excludes_zero
 
     m, lo, hi = s.get(f"{k}_mean"), s.get(f"{k}_min"), s.get(f"{k}_max")
     if m is None:
@@ -851,10 +846,10 @@ def base_ceo_answer(study_dir: Path, cfg: C.Config) -> str | None:
     path = Path(study_dir) / "base_heldout.json"
     if path.exists():
         return read_json(path).get("answers", {}).get(CEO_ID)
-    from .evaluate import heldout_answers, load_heldout
-    from .models import load_model
+    from ..evaluate import heldout_answers, load_heldout
+    from ..models import load_base
 
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_base(cfg)
     model.eval()
     recs = heldout_answers(model, tok, load_heldout(), cfg.heldout_max_new_tokens, cfg.batch_size)[0]
     atomic_write_json(path, {"model": cfg.model, "max_new_tokens": cfg.heldout_max_new_tokens,
@@ -864,7 +859,7 @@ def base_ceo_answer(study_dir: Path, cfg: C.Config) -> str | None:
 
 def labelled_flag_rates(strict) -> dict:
     """How often the strict loop gate flags the shipped labelled rows (text scores only), per label group."""
-    from . import filter as F
+    from .. import filter as F
 
     groups: dict[str, list[bool]] = {}
     for r in F.labelled_rows():
@@ -893,9 +888,9 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
                   rounds: int, scale: str, preset: str = "default", extra: dict[str, Any] | None = None,
                   command: str = "", errors: dict | None = None) -> dict:
     """Write runs.csv, summary.csv, trajectory.png, ceo_outputs.json, study.json and results.md into ``out``."""
-    from . import filter as F
-    from .driver import provenance
-    from .report import CSV_COLUMNS
+    from .. import filter as F
+    from ..driver import provenance
+    from ..report import CSV_COLUMNS
 
     study_dir, out = Path(study_dir), Path(out)
     check_run_configs(study_dir, arms, seeds, scale, preset, extra)
@@ -969,7 +964,7 @@ def add_cli(p) -> None:
                    help="arms: rmse (kl_agg=rmse), mean (kl_agg=mean), nll (reg=nll, no barrier); default all")
     p.add_argument("--scale", default="full", choices=list(SCALES),
                    help="full = preset default as is (the issue's spec); quick = smaller data budget and half the "
-                        "vignettes, equal for every arm (see steerheal_utils/study.py SCALES)")
+                        "vignettes, equal for every arm (see steerheal_utils/tools/study.py SCALES)")
     p.add_argument("--preset", default="default", choices=list(C.PRESETS), help=argparse.SUPPRESS)  # --preset tiny is for tests
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra config override applied to every arm alike (recorded in study.json)")

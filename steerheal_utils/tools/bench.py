@@ -118,7 +118,7 @@ def random_model(which: str, device: torch.device, dtype: torch.dtype):
     """A random-init model of real dimensions around the shipped tokenizer, built on ``device``."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from .models import shipped_tokenizer, tiny_model
+    from ..models import shipped_tokenizer, tiny_model
 
     if which == "tiny":
         model, tok = tiny_model("llama", seed=0)
@@ -146,7 +146,7 @@ class Bench:
 
     def save(self) -> None:
         if self.out is not None:
-            from .runfolder import atomic_write_json
+            from ..runfolder import atomic_write_json
 
             atomic_write_json(self.out, self.result)
 
@@ -170,13 +170,16 @@ class Bench:
 def run_bench(model, tok, *, sizes: dict, dev: torch.device, random_weights: bool, compile_gen: bool,
               out: Path | None = None, meta: dict | None = None, preset: str | None = None, dose: float = 0.1) -> dict:
     """Time every stage at ``sizes`` (see :data:`SIZES`); returns (and writes) the result dict."""
-    from . import evaluate as E
-    from . import filter as F
-    from . import generate as G
-    from . import heal as H
-    from . import vector as V
-    from .config import POS_PERSONA, NEG_PERSONA, depth_band, resolve
-    from .models import n_layers, persona_system, prompt_ids, render_prompt
+    from .. import datafiles
+    from .. import evaluate as E
+    from ..batching import eos_ids
+    from .. import filter as F
+    from .. import generate as G
+    from .. import heal as H
+    from .. import vector as V
+    from ..config import POS_PERSONA, NEG_PERSONA, depth_band, resolve
+    from ..chat import persona_system, prompt_ids, render_prompt
+    from ..models import n_layers
 
     b = Bench(out, {**(meta or {}), "sizes": sizes})
     S = sizes
@@ -199,7 +202,7 @@ def run_bench(model, tok, *, sizes: dict, dev: torch.device, random_weights: boo
     sv = ctx["sv"]
 
     # 02 generate ----------------------------------------------------------------------------
-    pool = G.load_prompts("dilemmas")
+    pool = datafiles.prompts("dilemmas")
     prompts = [pool[i % len(pool)]["text"] for i in range(S["prompts"])]
     force = S["new_tokens"] if random_weights else 0
     params = dict(temperature=1.0, top_p=0.95, top_k=64, max_new_tokens=S["new_tokens"], min_new_tokens=force)
@@ -217,7 +220,7 @@ def run_bench(model, tok, *, sizes: dict, dev: torch.device, random_weights: boo
 
     def naive_generate():
         n = min(S["naive_prompts"], len(prompts))
-        eos = G._eos_ids(model, tok)
+        eos = eos_ids(model, tok)
         kw = dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=64, max_new_tokens=S["naive_tokens"],
                   eos_token_id=eos, pad_token_id=tok.pad_token_id)
         if random_weights:
@@ -415,7 +418,7 @@ def round_estimate(result: dict, cfg, n_pool: int = 48) -> dict:
     Q1 (greedy + sampled answers to ``q1_prompts`` prompts, eager, one call each).
     """
     st = _by_stage(result)
-    from .generate import probe_calls
+    from ..generate.dose import probe_calls
 
     est: dict[str, Any] = {"assumptions": {"keep_rate": cfg.calib_target, "calib_calls": probe_calls(cfg),
                                            "gen_compile": cfg.gen_compile}}
@@ -485,7 +488,7 @@ def format_table(result: dict) -> str:
 # ------------------------------------------------------------------ command line
 def add_cli(p) -> None:
     """``steerheal bench [--model M | --random-config gemma-3-4b|tiny] [--device] [--small] [--out F]``."""
-    from .embedded import NAME
+    from ..embedded import NAME
 
     p.add_argument("--model", default=NAME, help=f"model to time (default: the embedded {NAME})")
     p.add_argument("--random-config", choices=("gemma-3-4b", "tiny"), default=None,
@@ -508,7 +511,7 @@ def add_cli(p) -> None:
 
 
 def _cli(args) -> int:
-    from .models import load_model, resolve_device, resolve_dtype
+    from ..models import load_model, resolve_device, resolve_dtype
 
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, dev)
@@ -544,7 +547,7 @@ def _cli(args) -> int:
                     out=Path(args.out) if args.out else None, meta=meta, preset=preset)
     res["meta"]["total_s"] = round(time.perf_counter() - t0, 1)
     if args.out:
-        from .runfolder import atomic_write_json
+        from ..runfolder import atomic_write_json
 
         atomic_write_json(Path(args.out), res)
     print(format_table(res))
