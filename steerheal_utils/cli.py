@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, helptext in (("eval", "evaluate", "evaluate a model / adapter stack on the vignettes and the axis probe"),
                                    ("report", "report", "write report.html and trajectory.png for a run folder"),
+                                   ("export", "export", "write a round's healed model as full weights or one peft adapter, with a model card"),
                                    ("bench", "bench", "time each stage against its naive reference"),
                                    ("study", "study", "run the matched-controls study and regenerate its outputs"),
                                    ("sweep", "tools.sweep", "run a grid of runs (local or Slurm) and show where each stands")):
@@ -120,10 +121,11 @@ def explain(e: BaseException) -> str | None:
 
     from .driver import LoopError
     from .embedded import EmbeddedModelError
+    from .export import ExportError
     from .models import ModelLoadError
     from .runfolder import RunFolderError
 
-    if isinstance(e, LoopError):
+    if isinstance(e, (LoopError, ExportError)):
         return f"error: {e}"
     if isinstance(e, (ModelLoadError, EmbeddedModelError)):
         return f"model error: {e}"

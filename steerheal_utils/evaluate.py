@@ -545,7 +545,7 @@ def think_logprobs(model: nn.Module, tok, prompts: PromptSet, token_ids: Sequenc
     Returns ``(log-probs [rows, labels] with NaN rows where unscorable, read kind per row,
     thought token ids per row)``.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     if think_tokens < 1:
         raise EvalError(f"think_logprobs needs think_tokens >= 1, got {think_tokens}")
@@ -581,7 +581,7 @@ def next_token_logprobs(model: nn.Module, tok, prompts: PromptSet, token_ids: Se
 
     Returns ``[rows, len(token_ids)]`` on CPU.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     dev = model_device(model)
     n = len(prompts.rests)
@@ -637,7 +637,7 @@ def next_token_logprobs(model: nn.Module, tok, prompts: PromptSet, token_ids: Se
 def greedy(model: nn.Module, tok, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int = 16,
            progress: bool = False, desc: str = "greedy") -> list[list[int]]:
     """Greedy continuations (token ids, cut at the first EOS) of each prompt, batched."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     dev = model_device(model)
     eos = {tok.eos_token_id, tok.pad_token_id} - {None}
@@ -989,7 +989,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
     if healed_ok:
         plan.append(("healed", r + 1, None, None))
 
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     stages, all_rows, stage_rows = {}, [], {}
     matches = None  # the band's KL-matched doses (controls.band_matches), made when the first control needs them

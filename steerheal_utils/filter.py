@@ -1071,4 +1071,6 @@ def browser(rows: Sequence[dict[str, Any]]) -> Any:
     pick.observe(lambda _: (setattr(idx, "value", 0), show()), names="value")
     idx.observe(show, names="value")
     show()
-    return W.VBox([W.HBox([pick, idx]), view])
+    from .figstatic import browser_static
+
+    return browser_static(W.VBox([W.HBox([pick, idx]), view]), rows)  # + a static table for readers without a kernel

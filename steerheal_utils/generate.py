@@ -116,7 +116,7 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
     Example:
         >>> rows = sample(model, tok, ["Your boss says ... Do you?"], sv=sv, dose=0.05)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     if not prompts:
         return []
@@ -837,7 +837,11 @@ def compare_widget(model: nn.Module, tok, sv: SteeringVector, prompts: Sequence[
             button.disabled = False
 
     button.on_click(show)
-    return W.VBox([W.HBox([picker, slider, button]), shown, text])
+    from .figstatic import with_static
+
+    return with_static(W.VBox([W.HBox([picker, slider, button]), shown, text]),
+                       "<p><i>Interactive dose comparison: open this notebook in JupyterLab with a kernel to sample "
+                       "any prompt at any dose (the held-out comparison above is its static record).</i></p>")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -523,7 +523,7 @@ def train(model: nn.Module, tok, rows: Sequence[dict], cfg, rnd: int, *, seed: i
 
     ``model`` is the model at round ``rnd`` (from :func:`models.load_round_model`, unmerged).
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     t0 = time.time()
     examples, skipped = encode_rows(tok, rows, cfg.max_seq_len)

@@ -206,7 +206,7 @@ def last_token_states(model: nn.Module, tok, prompts: Sequence[list[int]], layer
     (SmolLM2: a mean of ~650 against ~140 at the assistant tag), and the dose unit should be the
     typical hidden state.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
     dev = model_device(model)
     states = {layer: [] for layer in layers}
