@@ -262,6 +262,9 @@ def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool 
     run_dir = check_run_dir(run_dir)
     C.check_files(cfg)
     check_model(cfg.model, trust_remote_code=cfg.trust_remote_code)  # before anything is written
+    from .preflight import check
+
+    check(cfg)  # the vignette file's rows, layers within the model's depth: before any stage runs
     with run_lock(run_dir):
         clean_temp_files(run_dir)
         init_run(run_dir, cfg, override=override)
