@@ -156,7 +156,7 @@ def _checked(report_func):
         for p in problems:
             print(f"run folder error: {p.label}: {p.reason}; round {p.round:02d} is left out of the report. "
                   f"`steerheal run --run-dir {Path(args.run_dir)} --rounds {p.round + 1}` redoes it "
-                  "(with the run's --preset/--config)", file=sys.stderr)
+                  "(with the folder's own config)", file=sys.stderr)
         return code or (1 if problems else 0)
 
     return run

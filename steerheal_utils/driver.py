@@ -202,7 +202,10 @@ def run_stage(run_dir: Path, rnd: int, stage: str, kernel: str) -> None:
     os.environ[DRIVER_ENV] = driver_token(run_dir, rnd, stage)
     try:
         pm.execute_notebook(str(src), str(out), parameters={"run_dir": str(run_dir.resolve()), "round": rnd},
-                            kernel_name=kernel, language="python", progress_bar=False, log_output=False, cwd=str(REPO_ROOT))
+                            kernel_name=kernel, language="python", progress_bar=False, log_output=False, cwd=str(REPO_ROOT),
+                            # no widget state in the journal: readers without a kernel then see each widget's
+                            # static copy (figstatic.WithStatic), not a blank view that needs a CDN
+                            store_widget_state=False)
     except pm.PapermillExecutionError as e:
         raise LoopError(_failure(rnd, stage, out, e.ename, e.evalue, e.exec_count)) from None
     except (OSError, KeyboardInterrupt):

@@ -1120,9 +1120,10 @@ def register() -> str:
 class WithStatic:
     """An ipywidget displayed with a static HTML copy in the same output bundle.
 
-    A saved notebook keeps no widget state when papermill runs it, so nbconvert, GitHub and
-    nbviewer skip the widget view and show the ``text/html`` entry; JupyterLab with a kernel
-    draws the widget (it ranks above HTML). Attribute access goes to the widget.
+    The driver saves executed notebooks without widget state (``store_widget_state=False``), so
+    nbconvert, GitHub and nbviewer skip the widget view and show the ``text/html`` entry; in
+    JupyterLab, re-running the cell with a kernel draws the live widget (it ranks above HTML).
+    Attribute access goes to the widget.
 
     Example:
         >>> WithStatic(W.VBox([]), "<p>kept rows ...</p>")   # doctest: +SKIP

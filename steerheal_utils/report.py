@@ -11,9 +11,18 @@ resumed run is always consistent with what the rounds wrote. Panels:
 - C: the care-vs-authority map of the trajectory (grey dots: the controls);
 - D: drift: cosine of each round's vector to round 0's, KL of the healed model to base;
 
-then the metrics table (with CIs), the control band (matched doses and KLs, where the steered
-model falls in it, controls that missed their KL match in red), the outputs-over-loop table (the healed model's greedy answer to each held-out prompt,
-per round) and the config. ``steerheal report DIR`` writes them for any run folder.
+- E: all seven foundations per stage over rounds, with CIs;
+- F: the heal loss per step (NLL and the barrier statistic D), each round;
+- G: the dose path: every dose the search tried and the chosen dose with its 90% interval;
+- H: the filter's verdicts per round (keep and each drop reason);
+
+then the headline numbers with CIs, the metrics table (with CIs), the control band (matched doses and
+KLs, where the steered model falls in it, controls that missed their KL match in red), a steered
+completion next to the healed model's own answers (04's Q1), the outputs-over-loop table (the
+healed model's greedy answer to each held-out prompt, per round), wall time per stage (the step
+records), links to each round's executed notebooks and the config. The title is the run's name.
+``steerheal report DIR [--out OUT]`` writes them for any run folder (into OUT for a read-only one);
+``steerheal compare A B ...`` overlays runs and tabulates their final-round deltas with CIs.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ CI_COLUMNS = ("interval", *[f"{m}_{e}" for m in CI_METRICS for e in ("lo", "hi")
 CSV_COLUMNS = (*COLUMNS, *CI_COLUMNS)  # what metrics.csv holds
 COLORS = {"base": "black", "steered": "#d62728", "healed": "#2ca02c", "prompted": "#1f77b4", "random": "#7f7f7f"}
 STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
+ROUND_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def _family(stage: str) -> str:
@@ -402,7 +412,7 @@ def foundations_figure(rows: list[dict]):
     """E: the seven foundations (ln profile score) per stage over rounds, with 95% CIs."""
     from plotly.subplots import make_subplots
 
-    f = make_subplots(rows=2, cols=4, subplot_titles=list(NATS), horizontal_spacing=0.06, vertical_spacing=0.16)
+    f = make_subplots(rows=2, cols=4, subplot_titles=list(NATS), horizontal_spacing=0.07, vertical_spacing=0.24)
     for i, key in enumerate(NATS):
         r_, c_ = divmod(i, 4)
         for stage in ("base", "prompted", "steered", "healed"):
@@ -415,7 +425,7 @@ def foundations_figure(rows: list[dict]):
                               line=dict(color=COLORS[stage]), row=r_ + 1, col=c_ + 1)
         f.update_yaxes(title_text="nats", row=r_ + 1, col=c_ + 1)
         f.update_xaxes(title_text="round", dtick=1, row=r_ + 1, col=c_ + 1)
-    f.update_layout(title="E · all seven foundations: ln profile score per stage (bars: 95% bootstrap CI)", height=560)
+    f.update_layout(title="E · all seven foundations: ln profile score per stage (bars: 95% bootstrap CI)", height=620)
     return f
 
 
@@ -428,18 +438,18 @@ def loop_figures(run_dir: Path | str) -> list:
     run_dir = Path(run_dir)
     rounds = _rounds(run_dir)
     heal = make_subplots(rows=1, cols=2, subplot_titles=("completion NLL", "barrier statistic D (dashed: tau)"))
-    for r in rounds:
+    for k, r in enumerate(rounds):
         st = _heal_steps(run_dir, r)
         if not st:
             continue
-        x = [s.get("step") for s in st]
+        x, color = [s.get("step") for s in st], ROUND_COLORS[k % len(ROUND_COLORS)]  # one colour per round, both panels
         heal.add_scatter(x=x, y=[s.get("nll") for s in st], mode="lines+markers", name=f"round {r:02d}",
-                         legendgroup=str(r), row=1, col=1)
+                         legendgroup=str(r), line=dict(color=color), row=1, col=1)
         heal.add_scatter(x=x, y=[s.get("D") for s in st], mode="lines+markers", name=f"round {r:02d}",
-                         legendgroup=str(r), showlegend=False, row=1, col=2)
+                         legendgroup=str(r), showlegend=False, line=dict(color=color), row=1, col=2)
         taus = [s.get("tau") for s in st if _num(s.get("tau"))]
         if taus:
-            heal.add_scatter(x=[x[0], x[-1]], y=[taus[-1]] * 2, mode="lines", line=dict(dash="dash", width=1),
+            heal.add_scatter(x=[x[0], x[-1]], y=[taus[-1]] * 2, mode="lines", line=dict(dash="dash", width=1, color=color),
                              legendgroup=str(r), showlegend=False, name=f"tau r{r:02d}", row=1, col=2)
     heal.update_xaxes(title_text="heal step")
     heal.update_yaxes(title_text="NLL (nats per token)", row=1, col=1)
@@ -465,7 +475,7 @@ def loop_figures(run_dir: Path | str) -> list:
                          marker=dict(size=10, color=COLORS["steered"]), line=dict(color=COLORS["steered"]),
                          error_y=_error_y([c[1] for c in chosen], [min(c[2]) for c in chosen], [max(c[2]) for c in chosen]),
                          text=[c[3] for c in chosen], hoverinfo="text+y")
-    dose.update_yaxes(type="log", title="dose (fraction of the layer's median residual norm, log)")
+    dose.update_yaxes(type="log", title="dose (x median residual norm)")
     dose.update_xaxes(title="round", dtick=1)
     dose.update_layout(title="G · dose path: doses the search tried (grey) and the chosen dose (bars: its 90% interval)",
                        height=340)
@@ -500,7 +510,7 @@ def stage_times_html(run_dir: Path | str) -> str:
     if not cells:
         return "<p>No timed steps.</p>"
     head = "".join(f"<th>{html.escape(st)}</th>" for st in contract.STAGES)
-    return (f"<table><tr><th></th>{head}<th>round</th></tr>{''.join(cells)}</table>"
+    return (f"<table><tr><th></th>{head}<th>round total</th></tr>{''.join(cells)}</table>"
             f"<p>Total {_mmss(total)} of stage time (notebook execution, kernel start included).</p>")
 
 
@@ -576,19 +586,15 @@ def headline_lines(run_dir: Path | str) -> list[str]:
     if not rows:
         return []
     last = max(r["round"] for r in rows)
-    out = [f"round {last:02d} (the last evaluated), value [95% CI]; change from base [95% CI]:"]
+    out = [f"round {last:02d} (the last evaluated): value [95% CI], change from base [95% CI]"]
     for r in rows:
         if r["round"] != last or r["stage"] not in ("base", "steered", "healed"):
             continue
-        parts = []
         for m in HEADLINE:
             if not _num(r.get(m)):
                 continue
-            v = f"{m} {_ci_text(r, m)}"
-            if _num(r.get(f"delta_{m}")):
-                v += f" (Δ {_ci_text(r, f'delta_{m}', signed=True)})"
-            parts.append(v)
-        out.append(f"  {r['stage']:>7}: " + "; ".join(parts))
+            d = f"Δ {_ci_text(r, f'delta_{m}', signed=True)}" if _num(r.get(f"delta_{m}")) else ""
+            out.append(f"  {r['stage']:<8}{m:<14}{_ci_text(r, m):<36}{d}".rstrip())
     return out
 
 
@@ -737,6 +743,8 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
     ax.set_xlabel("auth_nats = ln profile[Authority]")
     ax.set_ylabel("care_nats = ln profile[Care]")
     ax.set_title("C: care vs authority (goal: up and to the left)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax = axes[5]
     healed = [r for r in rows if r["stage"] == "healed" and _num(r.get("kl_to_base"))]
     ax.plot([r["round"] for r in healed], [r["kl_to_base"] for r in healed], "o-", color=COLORS["healed"],

@@ -268,6 +268,7 @@ def test_every_figure_of_an_executed_round_has_an_image_in_the_html_export(tmp_p
         outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         widgets = [o["data"] for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         assert all("text/html" in d for d in widgets), f"{path.name}: a widget without a static copy"
+        assert not (nb.metadata.get("widgets") or {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
         text = "".join(o.get("text", "") for o in outs if o.get("output_type") == "stream")
         assert "0%|" not in text, f"{path.name}: a progress bar saved frozen"
         static_bytes += sum(map(len, pngs)) + sum(map(len, tables))
@@ -276,7 +277,8 @@ def test_every_figure_of_an_executed_round_has_an_image_in_the_html_export(tmp_p
             warnings.simplefilter("ignore")
             body, _ = HTMLExporter().from_notebook_node(nb)
         assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', body)) == len(pngs), path.name
-        assert body.count('class="steerheal-static-table"') == len(tables), path.name
+        n_widget_tables = sum(d["text/html"].count('class="steerheal-static-table"') for d in widgets)
+        assert body.count('class="steerheal-static-table"') == len(tables) + n_widget_tables, path.name
     assert n_figs >= 12  # 01-05 show at least a dozen figures on a tiny round
     heal = nbformat.read(run / "round_00" / "04_heal.ipynb", as_version=4)
     assert re.search(r"heal r00: \d+/\d+ in ", "".join(o.get("text", "") for c in heal.cells if c.cell_type == "code"
