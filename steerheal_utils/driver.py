@@ -318,8 +318,8 @@ def _rounds(run_dir: Path, rounds: int, present: list[str], kernel: str, tick) -
                 _say(f"{st.label}: {st.reason}: running it again")
             cfg = chk.config(rnd)
             before = markers.input_snapshot(run_dir, rnd, stage, cfg)
-            # rounds are named as their folders are (round_00 is "round 00"), the last one too
-            tick.start(f"[round {rnd:02d} of 00-{rounds - 1:02d}] {stage}", stage_seconds(run_dir, rnd, stage))
+            # rounds are named as their folders are (round_00), with the count
+            tick.start(f"[round_{rnd:02d} ({rnd + 1} of {rounds})] {stage}", stage_seconds(run_dir, rnd, stage))
             t = time.time()
             try:
                 run_stage(run_dir, rnd, stage, kernel)

@@ -55,9 +55,9 @@ def test_stage_time_is_estimated_from_an_earlier_rounds_record(tmp_path):
 def test_ticker_line_names_the_bar_and_the_time_left(tmp_path, monkeypatch):
     t = P.Ticker(0.0)
     try:
-        t.start("[round 01 of 00-02] 04_heal", expected=100.0)
+        t.start("[round_01 (2 of 3)] 04_heal", expected=100.0)
         line = t.line()
-        assert "[round 01 of 00-02] 04_heal" in line and "left (as round before)" in line
+        assert "[round_01 (2 of 3)] 04_heal" in line and "left (as round before)" in line
         P.ReportingBar(desc="heal r01", total=10, path=t.file).update(0)
         assert "heal r01 0/10" in t.line()
         t.end("done")
