@@ -653,6 +653,9 @@ def run_stage(ctx, model: nn.Module, tok, base: nn.Module | None = None, *, sv: 
     seconds = {"calibration": 0.0, "collection": 0.0}
 
     def gen(dose: float, start: int, n: int, seed: int, phase: str) -> list[dict]:
+        from .progress import search_note
+
+        search_note(phase, dose, n_tok, cfg, BASELINE_REPS)  # the driver's status line: which call, which dose
         picks = [order[(start + j) % len(order)] for j in range(n)]
         t = time.time()
         rows = sample(model, tok, [pool[i]["text"] for i in picks], sv=sv, dose=dose, seed=seed, progress=True, **params)

@@ -48,6 +48,10 @@ def eta(n: int, total: int | None, elapsed: float) -> float | None:
     return elapsed / n * max(total - n, 0)
 
 
+_OPEN: list["ReportingBar"] = []  # bars open in this process, outermost first
+_NOTE = {"text": ""}  # what the stage says it is doing, besides its bars
+
+
 class ReportingBar:
     """A tqdm-like counter that reports to a file (read by the driver) and prints a final line."""
 
@@ -59,6 +63,7 @@ class ReportingBar:
         self.total, self.n, self.postfix = total, 0, ""
         self.t0 = self._last = time.time()
         self.closed = False
+        _OPEN.append(self)
         self._write(force=True)
 
     def __iter__(self):
@@ -94,26 +99,57 @@ class ReportingBar:
     def state(self) -> dict:
         el = time.time() - self.t0
         return {"desc": self.desc, "n": self.n, "total": self.total, "postfix": self.postfix,
-                "elapsed": el, "eta": eta(self.n, self.total, el), "time": time.time()}
+                "elapsed": el, "eta": eta(self.n, self.total, el)}
 
     def _write(self, force: bool = False) -> None:
         now = time.time()
         if not force and now - self._last < 1.0:
             return
         self._last = now
-        try:  # best effort: progress must never fail a stage
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.state()))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+        _publish(self.path)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self._write(force=True)
+        if self in _OPEN:
+            _OPEN.remove(self)
+        _publish(self.path)
         print(summary_line(self.state()), flush=True)
+
+
+def _publish(path: Path) -> None:
+    """Write what the stage is doing (its note and every open bar) for the driver: best effort,
+    progress must never fail a stage."""
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"note": _NOTE["text"], "bars": [b.state() for b in _OPEN], "time": time.time()}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def note(text: str) -> None:
+    """Say what the stage is doing now (``dose search call 3 of 9``); shown on the driver's status
+    line next to the open bars. Outside a driver-run stage it does nothing."""
+    _NOTE["text"] = text
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        _publish(Path(path))
+
+
+_CALLS: dict[str, int] = {}
+
+
+def search_note(phase: str, dose: float, n_tok: dict, cfg: Any, baseline_reps: int) -> None:
+    """02's note before each sampling call: ``dose search call 3 of 9, dose 0.1`` or
+    ``collecting at dose 0.1, batch 2``."""
+    k = _CALLS[phase] = _CALLS.get(phase, 0) + 1
+    if phase == "calibration":
+        total = baseline_reps + cfg.calib_grid + cfg.calib_refine
+        note(f"dose search call {k} of {total}, dose {dose:.3g}")
+    else:
+        note(f"collecting at dose {dose:.3g}, batch {k}")
 
 
 def summary_line(st: dict) -> str:
@@ -134,7 +170,7 @@ def tqdm(iterable: Iterable | None = None, *args: Any, disable: bool = False, **
 
 
 def read_state(path: Path | str) -> dict | None:
-    """The last state a stage's bar reported, or None (no bar yet, or unreadable)."""
+    """The last state a stage reported (``{"note", "bars"}``), or None (nothing yet, or unreadable)."""
     try:
         st = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -142,16 +178,27 @@ def read_state(path: Path | str) -> dict | None:
     return st if isinstance(st, dict) else None
 
 
+def _bar_text(b: dict) -> str:
+    count = f" {b['n']}/{b['total']}" if b.get("total") else f" {b['n']}"
+    post = f" ({b['postfix']})" if b.get("postfix") else ""
+    return f"{b.get('desc', '')}{count}{post}"
+
+
+def time_left(st: dict | None) -> float | None:
+    """The innermost open bar's estimate of the seconds it has left, if any."""
+    for b in reversed((st or {}).get("bars") or []):
+        if b.get("eta"):  # a finished bar (0 left) says nothing about the stage's remaining work
+            return b["eta"]
+    return None
+
+
 def describe(st: dict | None) -> str:
-    """One short terminal fragment: ``heal r00 5/12 (nll=1.2) ~20s left``."""
+    """One short terminal fragment: ``dose search call 3 of 9 · sampling (dose 0.1) 1/2 ~20s left``."""
     if not st:
         return ""
-    count = f" {st['n']}/{st['total']}" if st.get("total") else f" {st['n']}"
-    post = f" ({st['postfix']})" if st.get("postfix") else ""
-    left = f" ~{fmt_seconds(st['eta'])} left" if st.get("eta") is not None else ""
-    return f"{st.get('desc', '')}{count}{post}{left}"
-
-
+    parts = ([st["note"]] if st.get("note") else []) + [_bar_text(b) for b in st.get("bars") or []]
+    left = time_left(st)
+    return " · ".join(parts) + (f" ~{fmt_seconds(left)} left" if left is not None and parts else "")
 
 
 def stage_seconds(run_dir: Path | str, rnd: int, stage: str) -> float | None:
@@ -207,7 +254,7 @@ class Ticker:
         st = read_state(self.file)
         what = describe(st)
         left = ""
-        if not (st and st.get("eta") is not None) and self.expected:
+        if time_left(st) is None and self.expected:
             left = f"  ~{fmt_seconds(max(self.expected - el, 0))} left (as round before)" if el < self.expected \
                 else "  (longer than the round before)"
         return f"{self.label}  {fmt_seconds(el)}" + (f"  {what}" if what else "") + left + \

@@ -24,8 +24,14 @@ def test_driver_run_bar_reports_to_its_file_and_prints_a_final_line(tmp_path, mo
     bar.set_postfix(nll="1.25")
     bar._write(force=True)
     st = json.loads(f.read_text())
-    assert (st["n"], st["total"], st["postfix"]) == (1, 4, "nll=1.25")
+    assert [(b["n"], b["total"], b["postfix"]) for b in st["bars"]] == [(1, 4, "nll=1.25")]
     assert P.describe(st).startswith("heal r00 1/4 (nll=1.25)")
+    inner = P.tqdm(total=2, desc="sampling")  # a nested bar shows after the outer one, with the note first
+    P.note("dose search call 2 of 5")
+    assert P.describe(P.read_state(f)).startswith("dose search call 2 of 5 · heal r00 1/4 (nll=1.25) · sampling 0/2")
+    inner.close()
+    P.note("")
+    capsys.readouterr()
     for _ in range(3):
         bar.update(1)
     bar.close()
