@@ -252,7 +252,10 @@ class Ticker:
         now = time.time()
         el = now - self.t_stage
         st = read_state(self.file)
-        what = describe(st)
+        try:
+            what = describe(st)
+        except (KeyError, TypeError, ValueError, AttributeError):  # a state this version cannot read: the line goes on
+            st, what = None, ""
         left = ""
         if time_left(st) is None and self.expected:
             left = f"  ~{fmt_seconds(max(self.expected - el, 0))} left (as round before)" if el < self.expected \

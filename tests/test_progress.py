@@ -66,6 +66,8 @@ def test_ticker_line_names_the_bar_and_the_time_left(tmp_path, monkeypatch):
         assert "[round_01 (2 of 3)] 04_heal" in line and "left (as round before)" in line
         P.ReportingBar(desc="heal r01", total=10, path=t.file).update(0)
         assert "heal r01 0/10" in t.line()
+        t.file.write_text('{"bars": [{"desc": 3}], "note": 5}')  # an unreadable state: the line goes on without it
+        assert "04_heal" in t.line()
         t.end("done")
     finally:
         t.close()
