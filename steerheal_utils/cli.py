@@ -62,6 +62,8 @@ def _limits(f) -> str:
     m = f.metadata
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
+    if isinstance(f.default, bool):
+        return "true or false"
     lo, hi = m.get("lo"), m.get("hi")
     if lo is None and hi is None:
         return ""

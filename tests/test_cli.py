@@ -38,7 +38,7 @@ def test_config_lists_the_presets_values_choices_and_ranges(capsys):
     assert "preset 'default'" in out
     assert "* n_contexts = 32   (in [2, inf])   [default 256]" in out  # what plain `run` uses, not the schema's
     assert "  reg = 'kl'   (one of kl, nll, wd)" in out
-    assert "top_p = 0.95   (in [0.0, 1.0])" in out
+    assert "top_p = 0.95   (in [0.0, 1.0])" in out and "strict = True   (true or false)" in out
     assert "none (plain NLL)" not in out and "nll = plain NLL" in out  # the help names values that exist
     assert "generated = the assistant tag" in out
     assert cli.main(["config", "--preset", "tiny", "--yaml"]) == 0
