@@ -132,9 +132,9 @@ def _publish(path: Path) -> None:
 def note(text: str) -> None:
     """Say what the stage is doing now (``dose search call 3 of 9``); shown on the driver's status
     line next to the open bars. Outside a driver-run stage it does nothing."""
-    _NOTE["text"] = text
     path = os.environ.get(PROGRESS_ENV)
-    if path:
+    if path:  # a driver-run stage is one kernel: nothing outlives it
+        _NOTE["text"] = text
         _publish(Path(path))
 
 
@@ -144,6 +144,8 @@ _CALLS: dict[str, int] = {}
 def search_note(phase: str, dose: float, n_tok: dict, cfg: Any, baseline_reps: int) -> None:
     """02's note before each sampling call: ``dose search call 3 of 9, dose 0.1`` or
     ``collecting at dose 0.1, batch 2``."""
+    if not os.environ.get(PROGRESS_ENV):
+        return
     k = _CALLS[phase] = _CALLS.get(phase, 0) + 1
     if phase == "calibration":
         total = baseline_reps + cfg.calib_grid + cfg.calib_refine
