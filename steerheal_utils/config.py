@@ -76,7 +76,7 @@ class Config:
 
     # --- 02 generate ---
     dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0, section="generate")
-    steer_positions: str = knob("all", "where the vector is added: every position, or from the assistant tag on", choices=("all", "generated"), section="generate")
+    steer_positions: str = knob("all", "where the vector is added: all = every position, prompt included; generated = the assistant tag (last prompt token) and every token after it", choices=("all", "generated"), section="generate")
     dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0, section="generate")
     temperature: float = knob(1.0, "sampling temperature", lo=0.0, section="generate")
     top_p: float = knob(0.95, "nucleus sampling mass", lo=0.0, hi=1.0, section="generate")
@@ -128,7 +128,7 @@ class Config:
     lora_targets: list[str] = knob(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names that get LoRA", section="heal")
     lora_layer_lo: float = knob(0.2, "LoRA depth band start (fraction of depth)", lo=0.0, hi=1.0, section="heal")
     lora_layer_hi: float = knob(0.8, "LoRA depth band end (fraction of depth)", lo=0.0, hi=1.0, section="heal")
-    reg: str = knob("kl", "regulariser: KL barrier, none (plain NLL), or weight decay", choices=("kl", "nll", "wd"), section="heal")
+    reg: str = knob("kl", "regulariser: kl = KL barrier to the reference (see kl_*, lam, tau), nll = plain NLL with no barrier, wd = weight decay (wd_strength)", choices=("kl", "nll", "wd"), section="heal")
     kl_dir: str = knob("reverse", "KL(student||ref) (reverse) or KL(ref||student) (forward)", choices=tuple(KL_DIRECTIONS), section="heal")
     kl_agg: str = knob("rmse", "per-sequence aggregate of per-position KL (kl.AGGREGATES)", choices=tuple(KL_AGGREGATES), section="heal")
     kl_ref: str = knob("base", "KL reference: base (every adapter off) or prev (earlier rounds baked)", choices=("base", "prev"), section="heal")
@@ -448,11 +448,11 @@ def load_config(path: Path) -> Config:
         first = " ".join(str(e).split())[:200]
         raise ConfigError(f"{path} is not valid YAML: {first}") from None
     if doc is None:
-        raise ConfigError(f"{path} is empty: a config file maps keys to values (`steerheal config --preset tiny` "
+        raise ConfigError(f"{path} is empty: a config file maps keys to values (`steerheal config --preset tiny --yaml` "
                           "prints one); a run folder also keeps every config it used in config_history.jsonl")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} holds a {type(doc).__name__} ({str(doc)[:60]!r}), not a mapping of config "
-                          "keys to values (`steerheal config --preset tiny` prints one)")
+                          "keys to values (`steerheal config --preset tiny --yaml` prints one)")
     doc.pop("_meta", None)
     try:
         return validate(doc)

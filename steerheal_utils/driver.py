@@ -29,7 +29,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -85,6 +84,13 @@ def check_run_dir(run_dir: Path | str) -> Path:
     return run_dir
 
 
+def _model_identity(name: str) -> dict:
+    """The base model's id and revision (not only its cache path): see export.model_identity."""
+    from .export import model_identity
+
+    return model_identity(name)
+
+
 def init_run(run_dir: Path | str, cfg: C.Config, *, override: bool = False) -> None:
     """Create ``run_dir/config.yaml`` and its history, or check that an existing run has ``cfg``.
 
@@ -101,7 +107,7 @@ def init_run(run_dir: Path | str, cfg: C.Config, *, override: bool = False) -> N
         old = None
     if old is None and not cfg_path.exists():  # a new run folder
         run_dir.mkdir(parents=True, exist_ok=True)
-        record_config(run_dir, cfg, 0, provenance())
+        record_config(run_dir, cfg, 0, {**provenance(), "model": _model_identity(cfg.model)})
         return
     problems = []
     try:
@@ -126,7 +132,7 @@ def init_run(run_dir: Path | str, cfg: C.Config, *, override: bool = False) -> N
     if not diff and not problems:
         return
     start = markers.first_incomplete_round(run_dir)  # under the configs the rounds were made with
-    record_config(run_dir, cfg, start, provenance(), diff or ["config.yaml written again"])
+    record_config(run_dir, cfg, start, {**provenance(), "model": _model_identity(cfg.model)}, diff or ["config.yaml written again"])
     print(f"config changed from round {start:02d} on ({'; '.join(diff) or 'config.yaml written again'}); "
           "recorded in config_history.jsonl", file=sys.stderr)
 
@@ -156,45 +162,6 @@ def kernel_name() -> str:
     if str(base) not in paths.split(os.pathsep):
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(base), paths) if p)
     return name
-
-
-# ------------------------------------------------------------------ progress
-class Ticker:
-    """One status line: rewritten in place on a terminal, printed at start and end otherwise."""
-
-    def __init__(self, t0: float):
-        self.t0, self.label, self._stop = t0, "", threading.Event()
-        self.tty = sys.stderr.isatty()
-        self._thread = None
-
-    def start(self, label: str) -> None:
-        self.label, self.t_stage = label, time.time()
-        if self.tty:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        else:
-            print(f"{label} ...", file=sys.stderr, flush=True)
-
-    def _line(self) -> str:
-        now = time.time()
-        return f"{self.label}  {_fmt(now - self.t_stage)}  (run {_fmt(now - self.t0)})"
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            print("\r" + self._line(), end="", file=sys.stderr, flush=True)
-
-    def end(self, status: str) -> None:
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
-            print("\r" + " " * 80 + "\r", end="", file=sys.stderr)
-        print(f"{self._line()}  {status}", file=sys.stderr, flush=True)
-
-
-def _fmt(s: float) -> str:
-    m, s = divmod(int(s), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 # ------------------------------------------------------------------ the loop
@@ -235,7 +202,10 @@ def run_stage(run_dir: Path, rnd: int, stage: str, kernel: str) -> None:
     os.environ[DRIVER_ENV] = driver_token(run_dir, rnd, stage)
     try:
         pm.execute_notebook(str(src), str(out), parameters={"run_dir": str(run_dir.resolve()), "round": rnd},
-                            kernel_name=kernel, language="python", progress_bar=False, log_output=False, cwd=str(REPO_ROOT))
+                            kernel_name=kernel, language="python", progress_bar=False, log_output=False, cwd=str(REPO_ROOT),
+                            # no widget state in the journal: readers without a kernel then see each widget's
+                            # static copy (figstatic.WithStatic), not a blank view that needs a CDN
+                            store_widget_state=False)
     except pm.PapermillExecutionError as e:
         raise LoopError(_failure(rnd, stage, out, e.ename, e.evalue, e.exec_count)) from None
     except (OSError, KeyboardInterrupt):
@@ -295,6 +265,9 @@ def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool 
     run_dir = check_run_dir(run_dir)
     C.check_files(cfg)
     check_model(cfg.model, trust_remote_code=cfg.trust_remote_code)  # before anything is written
+    from .preflight import check
+
+    check(cfg)  # the vignette file's rows, layers within the model's depth: before any stage runs
     with run_lock(run_dir):
         clean_temp_files(run_dir)
         init_run(run_dir, cfg, override=override)
@@ -309,8 +282,19 @@ def _say(msg: str) -> None:
 def _loop(run_dir: Path, rounds: int, stages: tuple[str, ...]) -> None:
     kernel = kernel_name()
     present = [s for s in stages if (notebook_dir() / f"{s}.ipynb").exists()]
+    from .progress import Ticker
+
     t0 = time.time()
     tick = Ticker(t0)
+    try:
+        _rounds(run_dir, rounds, present, kernel, tick)
+    finally:
+        tick.close()
+
+
+def _rounds(run_dir: Path, rounds: int, present: list[str], kernel: str, tick) -> None:
+    from .progress import stage_seconds
+
     chk = markers.Checker(run_dir)
     for rnd in range(rounds):
         stop = next((s for s in (_round_stop(run_dir, chk, r) for r in range(rnd)) if s), None)
@@ -334,7 +318,8 @@ def _loop(run_dir: Path, rounds: int, stages: tuple[str, ...]) -> None:
                 _say(f"{st.label}: {st.reason}: running it again")
             cfg = chk.config(rnd)
             before = markers.input_snapshot(run_dir, rnd, stage, cfg)
-            tick.start(f"[round {rnd + 1}/{rounds}] {stage}")
+            # rounds are named as their folders are (round_00), with the count
+            tick.start(f"[round_{rnd:02d} ({rnd + 1} of {rounds})] {stage}", stage_seconds(run_dir, rnd, stage))
             t = time.time()
             try:
                 run_stage(run_dir, rnd, stage, kernel)

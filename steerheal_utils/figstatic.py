@@ -1114,3 +1114,66 @@ def register() -> str:
     if RENDERER not in pio.renderers:
         pio.renderers[RENDERER] = StaticRenderer()
     return DEFAULT_RENDERERS
+
+
+# ------------------------------------------------------------------ widgets
+class WithStatic:
+    """An ipywidget displayed with a static HTML copy in the same output bundle.
+
+    The driver saves executed notebooks without widget state (``store_widget_state=False``), so
+    nbconvert, GitHub and nbviewer skip the widget view and show the ``text/html`` entry; in
+    JupyterLab, re-running the cell with a kernel draws the live widget (it ranks above HTML).
+    Attribute access goes to the widget.
+
+    Example:
+        >>> WithStatic(W.VBox([]), "<p>kept rows ...</p>")   # doctest: +SKIP
+    """
+
+    def __init__(self, widget: Any, static_html: str) -> None:
+        self.widget, self.static_html = widget, static_html
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["widget"], name)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        data = {**data, "text/html": self.static_html}
+        return (data, bundle[1]) if isinstance(bundle, tuple) else data
+
+
+def with_static(widget: Any, static_html: str) -> Any:
+    """``widget`` wrapped in :class:`WithStatic` (``None`` stays ``None``: ipywidgets missing)."""
+    return None if widget is None else WithStatic(widget, static_html)
+
+
+def rows_html(rows: list[dict], cols: list[str], *, caption: str = "", clip: int = 600) -> str:
+    """Rows as an escaped static HTML table (class ``steerheal-static-table``), long cells clipped."""
+    def cell(v: Any) -> str:
+        s = "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+        s = s if len(s) <= clip else s[:clip] + "…"
+        return html.escape(s).replace("\n", "<br>")
+
+    cap = f"<caption style=\"caption-side:top;text-align:left;font-weight:bold\">{html.escape(caption)}</caption>" \
+        if caption else ""
+    head = "".join(f"<th style=\"text-align:left\">{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td style=\"text-align:left;vertical-align:top\">{cell(r.get(c))}</td>"
+                                    for c in cols) + "</tr>" for r in rows)
+    return f"<table class=\"steerheal-static-table\">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def browser_static(widget: Any, rows: list[dict], per_reason: int = 3) -> Any:
+    """03's row browser with a static copy: per verdict (keep first, then each drop reason), its
+    count and up to ``per_reason`` example rows with their main scores."""
+    from collections import Counter
+
+    rows = list(rows)
+    counts = Counter(r.get("reason", "?") for r in rows)
+    order = sorted(counts, key=lambda k: (k != "keep", -counts[k], k))
+    parts = [f"<p><b>Rows by verdict</b> (static copy of the browser: up to {per_reason} per verdict; "
+             "every row is in completions.jsonl): " + ", ".join(f"{html.escape(k)} {counts[k]}" for k in order) + "</p>"]
+    cols = ["id", "reason", "tail_ppl", "ngram_repeat", "prompt", "completion"]
+    for k in order:
+        sel = [r for r in rows if r.get("reason", "?") == k][:per_reason]
+        parts.append(rows_html(sel, cols, caption=f"{k}: {len(sel)} of {counts[k]}", clip=400))
+    return with_static(widget, "\n".join(parts))

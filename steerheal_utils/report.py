@@ -11,9 +11,18 @@ resumed run is always consistent with what the rounds wrote. Panels:
 - C: the care-vs-authority map of the trajectory (grey dots: the controls);
 - D: drift: cosine of each round's vector to round 0's, KL of the healed model to base;
 
-then the metrics table (with CIs), the control band (matched doses and KLs, where the steered
-model falls in it, controls that missed their KL match in red), the outputs-over-loop table (the healed model's greedy answer to each held-out prompt,
-per round) and the config. ``steerheal report DIR`` writes them for any run folder.
+- E: all seven foundations per stage over rounds, with CIs;
+- F: the heal loss per step (NLL and the barrier statistic D), each round;
+- G: the dose path: every dose the search tried and the chosen dose with its 90% interval;
+- H: the filter's verdicts per round (keep and each drop reason);
+
+then the headline numbers with CIs, the metrics table (with CIs), the control band (matched doses and
+KLs, where the steered model falls in it, controls that missed their KL match in red), a steered
+completion next to the healed model's own answers (04's Q1), the outputs-over-loop table (the
+healed model's greedy answer to each held-out prompt, per round), wall time per stage (the step
+records), links to each round's executed notebooks and the config. The title is the run's name.
+``steerheal report DIR [--out OUT]`` writes them for any run folder (into OUT for a read-only one);
+``steerheal compare A B ...`` overlays runs and tabulates their final-round deltas with CIs.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ CI_COLUMNS = ("interval", *[f"{m}_{e}" for m in CI_METRICS for e in ("lo", "hi")
 CSV_COLUMNS = (*COLUMNS, *CI_COLUMNS)  # what metrics.csv holds
 COLORS = {"base": "black", "steered": "#d62728", "healed": "#2ca02c", "prompted": "#1f77b4", "random": "#7f7f7f"}
 STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
+ROUND_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def _family(stage: str) -> str:
@@ -160,14 +170,17 @@ def metric_rows(run_dir: Path | str) -> list[dict]:
     return rows
 
 
-def write_metrics(run_dir: Path | str) -> Path:
-    """Rebuild ``DIR/metrics.csv`` from every round's eval.json (atomically); return its path."""
+def write_metrics(run_dir: Path | str, out_dir: Path | str | None = None) -> Path:
+    """Rebuild ``DIR/metrics.csv`` (or ``out_dir/metrics.csv``) from every round's eval.json
+    (atomically); return its path."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     w.writeheader()
     for row in metric_rows(run_dir):
         w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
     path = contract.run_path(run_dir, "metrics")
+    if out_dir is not None:
+        path = Path(out_dir) / path.name
     atomic_write_text(path, buf.getvalue())
     return path
 
@@ -236,6 +249,8 @@ def figures(run_dir: Path | str) -> list:
                           line=dict(width=0), fillcolor="rgba(31,119,180,0.12)", legendgroup="prompted",
                           showlegend=False, hoverinfo="skip", row=1, col=col)
     a.update_xaxes(title_text="round", dtick=1)
+    for col, ylab in enumerate(("auth_nats (nats)", "care_nats (nats)", "log-odds care vs authority"), 1):
+        a.update_yaxes(title_text=ylab, row=1, col=col)
     a.update_layout(title="A · on-target score per stage over rounds (bars: 95% bootstrap CI; grey: random-control band)",
                     height=380)
 
@@ -286,7 +301,8 @@ def figures(run_dir: Path | str) -> list:
     kx = [e["round"] for e in evs if _num(e.get("kl_to_base"))]
     d.add_scatter(x=kx, y=[e["kl_to_base"] for e in evs if _num(e.get("kl_to_base"))], mode="lines+markers",
                   name="KL to base", line=dict(color=COLORS["healed"]), row=1, col=2)
-    d.update_yaxes(range=[-1.05, 1.05], row=1, col=1)
+    d.update_yaxes(range=[-1.05, 1.05], title_text="cosine to round 0", row=1, col=1)
+    d.update_yaxes(title_text="KL (nats per token)", row=1, col=2)
     d.update_xaxes(title_text="round", dtick=1)
     d.update_layout(title="D · drift (Q3: does the axis move, how far does the model go?)", height=360)
     return [a, b, c, d]
@@ -369,56 +385,301 @@ def _band_html(run_dir: Path) -> str:
     return "".join(parts) or "<p>No random-control band in these rounds.</p>"
 
 
-def write_report(run_dir: Path | str) -> Path:
-    """Write ``DIR/report.html`` (opens offline: plotly.js embedded once) and ``DIR/trajectory.png``."""
+# ------------------------------------------------------------------ more of the run (report only)
+def _round_json(run_dir: Path, rnd: int, name: str) -> dict:
+    p = contract.path(run_dir, rnd, name)
+    try:
+        return read_json(p, name) if p.exists() else {}
+    except Exception:  # a damaged side record must not cost the report: its panel is just empty
+        return {}
+
+
+def _heal_steps(run_dir: Path, rnd: int) -> list[dict]:
+    p = contract.path(run_dir, rnd, "heal_steps")
+    if not p.exists():
+        return []
+    out = []
+    for r in csv.DictReader(p.open()):
+        out.append({k: float(v) if v not in ("", None) and k != "epoch" else v for k, v in r.items()})
+    return out
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    return [ev["round"] for ev in load_evals(run_dir)]
+
+
+def foundations_figure(rows: list[dict]):
+    """E: the seven foundations (ln profile score) per stage over rounds, with 95% CIs."""
+    from plotly.subplots import make_subplots
+
+    f = make_subplots(rows=2, cols=4, subplot_titles=list(NATS), horizontal_spacing=0.07, vertical_spacing=0.24)
+    for i, key in enumerate(NATS):
+        r_, c_ = divmod(i, 4)
+        for stage in ("base", "prompted", "steered", "healed"):
+            x, y, lo, hi = _interval(rows, stage, key)
+            if x:
+                f.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), name=stage, legendgroup=stage, showlegend=i == 0,
+                              mode="markers" if stage in ("base", "prompted") else "lines+markers",
+                              marker=dict(color=COLORS[stage], symbol="star" if stage == "base" else "circle",
+                                          size=12 if stage == "base" else 7),
+                              line=dict(color=COLORS[stage]), row=r_ + 1, col=c_ + 1)
+        f.update_yaxes(title_text="nats", row=r_ + 1, col=c_ + 1)
+        f.update_xaxes(title_text="round", dtick=1, row=r_ + 1, col=c_ + 1)
+    f.update_layout(title="E · all seven foundations: ln profile score per stage (bars: 95% bootstrap CI)", height=620)
+    return f
+
+
+def loop_figures(run_dir: Path | str) -> list:
+    """F: heal loss per step (each round a line), G: the dose path (every dose-search call and the
+    chosen dose with its 90% interval), H: the filter's verdicts per round (stacked counts)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    run_dir = Path(run_dir)
+    rounds = _rounds(run_dir)
+    heal = make_subplots(rows=1, cols=2, subplot_titles=("completion NLL", "barrier statistic D (dashed: tau)"))
+    for k, r in enumerate(rounds):
+        st = _heal_steps(run_dir, r)
+        if not st:
+            continue
+        x, color = [s.get("step") for s in st], ROUND_COLORS[k % len(ROUND_COLORS)]  # one colour per round, both panels
+        heal.add_scatter(x=x, y=[s.get("nll") for s in st], mode="lines+markers", name=f"round {r:02d}",
+                         legendgroup=str(r), line=dict(color=color), row=1, col=1)
+        heal.add_scatter(x=x, y=[s.get("D") for s in st], mode="lines+markers", name=f"round {r:02d}",
+                         legendgroup=str(r), showlegend=False, line=dict(color=color), row=1, col=2)
+        taus = [s.get("tau") for s in st if _num(s.get("tau"))]
+        if taus:
+            heal.add_scatter(x=[x[0], x[-1]], y=[taus[-1]] * 2, mode="lines", line=dict(dash="dash", width=1, color=color),
+                             legendgroup=str(r), showlegend=False, name=f"tau r{r:02d}", row=1, col=2)
+    heal.update_xaxes(title_text="heal step")
+    heal.update_yaxes(title_text="NLL (nats per token)", row=1, col=1)
+    heal.update_yaxes(title_text="D", row=1, col=2)
+    heal.update_layout(title="F · heal: loss per step, each round", height=340)
+
+    dose = go.Figure()
+    chosen = []
+    for r in rounds:
+        g = _generate_record(run_dir, r)
+        path = [p for p in g.get("calibration_path") or [] if _num(p.get("dose")) and p["dose"] > 0]
+        if path:
+            dose.add_scatter(x=[r + (i - len(path) / 2) * 0.04 for i in range(len(path))], y=[p["dose"] for p in path],
+                             mode="markers", marker=dict(size=6, color="#aaa"), name="dose tried (search)",
+                             legendgroup="tried", showlegend=not chosen,
+                             text=[f"call {p.get('step')} ({p.get('phase')}): kept {p.get('kept')}/{p.get('n')}" for p in path],
+                             hoverinfo="text+y")
+        if _num(g.get("dose")):
+            ci = (g.get("calibration") or {}).get("crossing_ci") or [g["dose"], g["dose"]]
+            chosen.append((r, g["dose"], ci, g.get("dose_flag") or ""))
+    if chosen:
+        dose.add_scatter(x=[c[0] for c in chosen], y=[c[1] for c in chosen], mode="lines+markers", name="chosen dose",
+                         marker=dict(size=10, color=COLORS["steered"]), line=dict(color=COLORS["steered"]),
+                         error_y=_error_y([c[1] for c in chosen], [min(c[2]) for c in chosen], [max(c[2]) for c in chosen]),
+                         text=[c[3] for c in chosen], hoverinfo="text+y")
+    dose.update_yaxes(type="log", title="dose (x median residual norm)")
+    dose.update_xaxes(title="round", dtick=1)
+    dose.update_layout(title="G · dose path: doses the search tried (grey) and the chosen dose (bars: its 90% interval)",
+                       height=340)
+
+    drops = go.Figure()
+    counts = {r: (_round_json(run_dir, r, "filter_summary").get("reasons") or {}) for r in rounds}
+    reasons = sorted({k for c in counts.values() for k in c}, key=lambda k: (k != "keep", k))
+    for k in reasons:
+        drops.add_bar(x=[f"round {r:02d}" for r in rounds], y=[counts[r].get(k, 0) for r in rounds], name=k,
+                      marker_color=COLORS["healed"] if k == "keep" else None)
+    drops.update_layout(barmode="stack", height=340, title="H · filter verdicts per round (keep and each drop reason)",
+                        xaxis_title="round", yaxis_title="completions")
+    return [heal, dose, drops]
+
+
+def stage_times_html(run_dir: Path | str) -> str:
+    """Wall time per stage and round, from the step records (seconds the driver measured)."""
+    run_dir = Path(run_dir)
+    rounds = _rounds(run_dir)
+    cells, total = [], 0.0
+    for r in rounds:
+        secs = []
+        for st in contract.STAGES:
+            try:
+                v = json.loads(contract.marker_path(run_dir, r, st).read_text()).get("seconds")
+            except (OSError, ValueError):
+                v = None
+            secs.append(v if _num(v) else None)
+        total += sum(v for v in secs if v)
+        cells.append(f"<tr><th>round {r:02d}</th>" + "".join(f"<td>{_mmss(v)}</td>" for v in secs)
+                     + f"<td><b>{_mmss(sum(v for v in secs if v))}</b></td></tr>")
+    if not cells:
+        return "<p>No timed steps.</p>"
+    head = "".join(f"<th>{html.escape(st)}</th>" for st in contract.STAGES)
+    return (f"<table><tr><th></th>{head}<th>round total</th></tr>{''.join(cells)}</table>"
+            f"<p>Total {_mmss(total)} of stage time (notebook execution, kernel start included).</p>")
+
+
+def _mmss(v) -> str:
+    if not _num(v):
+        return ""
+    m, sec = divmod(int(round(v)), 60)
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def notebook_links_html(run_dir: Path | str, out_dir: Path | str) -> str:
+    """Links to each round's executed notebooks (the lab journal), relative to the report's folder."""
+    import os
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    items = []
+    for r in _rounds(run_dir):
+        links = []
+        for st in contract.STAGES:
+            nb = contract.journal_path(run_dir, r, st)
+            if nb.exists():
+                rel = os.path.relpath(nb.resolve(), out_dir.resolve())
+                links.append(f"<a href='{html.escape(rel)}'>{html.escape(st)}</a>")
+        if links:
+            items.append(f"<li>round {r:02d}: {' · '.join(links)}</li>")
+    return (f"<ul>{''.join(items)}</ul><p><small>Executed notebooks: each figure has a static copy, so GitHub, nbviewer "
+            "and <code>jupyter nbconvert --to html</code> show them without a kernel.</small></p>") if items \
+        else "<p>No executed notebooks.</p>"
+
+
+def side_by_side_html(run_dir: Path | str, max_chars: int = 300) -> str:
+    """Per round: a steered completion (what heal trained on) next to the healed model's own greedy
+    and sampled answers to the same prompt, unsteered (04's Q1 record)."""
+    run_dir = Path(run_dir)
+    parts = []
+    for r in _rounds(run_dir):
+        sets = _round_json(run_dir, r, "heal_q1").get("sets") or {}
+        cols = [k for k in ("steered", "healed_greedy", "healed_sampled") if sets.get(k, {}).get("examples")]
+        if "steered" not in cols or len(cols) < 2:
+            continue
+        prompts = _q1_prompts(run_dir, r, sets["steered"]["examples"])
+        n = min(len(sets[k]["examples"]) for k in cols)
+        rows = []
+        for i in range(n):
+            cells = "".join(f"<td><q>{html.escape(_clip_text(sets[k]['examples'][i], max_chars))}</q></td>" for k in cols)
+            rows.append(f"<tr><th>{html.escape(prompts[i] if i < len(prompts) else '')}</th>{cells}</tr>")
+        head = "".join(f"<th>{html.escape(k.replace('_', ' '))}</th>" for k in cols)
+        parts.append(f"<h3>round {r:02d}</h3><table class='heldout'><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>")
+    return "".join(parts) or "<p>No Q1 record yet (04_heal writes it).</p>"
+
+
+def _clip_text(t: str, n: int) -> str:
+    return t if len(t) <= n else t[:n] + "…"
+
+
+def _q1_prompts(run_dir: Path, rnd: int, examples: list[str]) -> list[str]:
+    """The prompt of each steered Q1 example: the kept completion it was cut from (Q1 stores the text)."""
+    p = contract.path(run_dir, rnd, "completions")
+    if not p.exists():
+        return []
+    rows = [r for r in read_jsonl(p, "completions") if r.get("keep")]
+    out = []
+    for ex in examples:
+        hit = next((r for r in rows if (r.get("completion") or "")[:len(ex)] == ex), None)
+        out.append(hit.get("prompt", "") if hit else "")
+    return out
+
+
+def headline_lines(run_dir: Path | str) -> list[str]:
+    """The last evaluated round's headline numbers with their 95% intervals, one line per stage
+    (steered, healed): value [lo, hi] and the paired change from base."""
+    rows = metric_rows(run_dir)
+    if not rows:
+        return []
+    last = max(r["round"] for r in rows)
+    out = [f"round {last:02d} (the last evaluated): value [95% CI], change from base [95% CI]"]
+    for r in rows:
+        if r["round"] != last or r["stage"] not in ("base", "steered", "healed"):
+            continue
+        for m in HEADLINE:
+            if not _num(r.get(m)):
+                continue
+            d = f"Δ {_ci_text(r, f'delta_{m}', signed=True)}" if _num(r.get(f"delta_{m}")) else ""
+            out.append(f"  {r['stage']:<8}{m:<14}{_ci_text(r, m):<36}{d}".rstrip())
+    return out
+
+
+def _ci_text(r: dict, m: str, signed: bool = False) -> str:
+    f = "{:+.3g}" if signed else "{:.3g}"
+    v, lo, hi = r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")
+    s = f.format(v)
+    return s + (f" [{f.format(lo)}, {f.format(hi)}]" if _num(lo) and _num(hi) else "")
+
+
+def run_name(run_dir: Path | str) -> str:
+    """The run's name: its folder's name (an absolute path says where it was, not what it is)."""
+    return Path(run_dir).resolve().name
+
+
+def write_report(run_dir: Path | str, out_dir: Path | str | None = None) -> Path:
+    """Write ``report.html`` (opens offline: plotly.js embedded once) and ``trajectory.png`` into
+    ``out_dir`` (default: the run folder; another folder re-plots a read-only run)."""
     import plotly.io as pio
 
     run_dir = Path(run_dir)
-    figs = figures(run_dir)
-    # plotly.js is embedded once, with the first figure; the others reuse it (the file opens offline)
-    parts = [f"<h3>{html.escape(f.layout.title.text or '')}</h3>" + pio.to_html(f, include_plotlyjs=(i == 0), full_html=False)
-             for i, f in enumerate(figs)]
+    out_dir = run_dir if out_dir is None else Path(out_dir)
     rows = metric_rows(run_dir)
+    figs = [*figures(run_dir), foundations_figure(rows), *loop_figures(run_dir)]
+    # plotly.js is embedded once, with the first figure; the others reuse it (the file opens offline).
+    # Each figure carries its own title: no heading repeats it.
+    parts = [pio.to_html(f, include_plotlyjs=(i == 0), full_html=False, config={"displaylogo": False})
+             for i, f in enumerate(figs)]
     cfg_path = contract.run_path(run_dir, "config")
     cfg_text = cfg_path.read_text() if cfg_path.exists() else "(no config.yaml)"
-    stops = [f"round {e['round']}: {e['stop'].get('reason')}" for e in load_evals(run_dir) if e.get("stop")]
-    notes = [f"round {e['round']}: {n}" for e in load_evals(run_dir) for n in e.get("notes", [])]
+    evs = load_evals(run_dir)
+    stops = [f"round {e['round']}: {e['stop'].get('reason')}" for e in evs if e.get("stop")]
+    notes = [f"round {e['round']}: {n}" for e in evs for n in e.get("notes", [])]
     stop_html = ("<p class='stop'><b>The loop stopped.</b> " + "; ".join(html.escape(s) for s in stops) + "</p>") if stops \
         else "<p>No stop condition was hit.</p>"
     stop_html += "".join(f"<p class='stop'><b>Dose flagged.</b> {html.escape(w)}</p>" for w in dose_warnings(run_dir))
+    name = run_name(run_dir)
+    heads = headline_lines(run_dir)
+    head_html = f"<pre class='headline'>{html.escape(chr(10).join(heads))}</pre>" if heads else ""
     doc = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>steerheal report: {html.escape(run_dir.name)}</title>
+<html><head><meta charset="utf-8"><title>steerheal: {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}} .heldout td{{max-width:320px}}
-.stop{{color:#b00}} pre{{background:#f6f6f6;padding:8px;font-size:12px;max-height:400px;overflow:auto}}</style></head>
-<body><h1>steerheal run: {html.escape(str(run_dir))}</h1>
+.stop{{color:#b00}} pre{{background:#f6f6f6;padding:8px;font-size:12px;max-height:400px;overflow:auto}}
+pre.headline{{font-size:13px}}</style></head>
+<body><h1>steerheal run <code>{html.escape(name)}</code></h1>
+<p><small>{len(evs)} evaluated round(s). Figures are interactive (hover, zoom); the static summary is
+trajectory.png next to this file.</small></p>
+{head_html}
 {stop_html}
+<h2>Trajectory</h2>{''.join(parts)}
 <h2>Metrics</h2>{_metrics_html(rows)}
 <h2>Control band</h2><p>Random rotations of the persona vector (same per-layer norms and cross-layer cosines),
 each at the dose where its next-token KL at the assistant tag matches the persona's. The persona's effect is
 specific to its direction only where it lies outside this band.</p>{_band_html(run_dir)}
-<h2>Trajectory</h2>{''.join(parts)}
+<h2>Steered vs healed</h2><p>What heal trained on (a kept steered completion) next to what the healed model
+says to the same prompt on its own, unsteered (04's Q1: greedy and sampled).</p>{side_by_side_html(run_dir)}
 <h2>Outputs over the loop</h2><p>The healed model's greedy answer to each held-out prompt, per round
 (round 0 before heal shows the base).</p>{heldout_html(run_dir)}
+<h2>Wall time per stage</h2>{stage_times_html(run_dir)}
+<h2>Lab journal</h2>{notebook_links_html(run_dir, out_dir)}
 <h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes) or '<li>none</li>'}</ul>
 <h2>Config</h2><pre>{html.escape(cfg_text)}</pre>
 </body></html>
 """
-    path = contract.run_path(run_dir, "report")
+    path = out_dir / contract.run_path(run_dir, "report").name
     atomic_write_text(path, doc)
-    write_png(run_dir, rows)
+    write_png(run_dir, rows, out_dir=out_dir)
     return path
 
 
-def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
-    """``trajectory.png``: panels A-C as a static matplotlib figure (no browser needed, unlike plotly's export)."""
+def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path | str | None = None) -> Path:
+    """``trajectory.png``: panels A (three), B, C and D as a static matplotlib figure, 2 x 3 panels,
+    1650 x 1000 px (no browser needed, unlike plotly's export)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
     rows = metric_rows(run_dir) if rows is None else rows
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
+    fig, grid = plt.subplots(2, 3, figsize=(16.5, 10))
+    axes = grid.ravel()
+    ylabels = {"auth_nats": "auth_nats (nats; down = less authority)", "care_nats": "care_nats (nats; up = more care)",
+               "axis_logodds": "axis probe log-odds, care vs authority"}
     for ax, key in zip(axes[:3], ("auth_nats", "care_nats", "axis_logodds")):
         for stage in STAGE_ORDER:
             x, y, lo, hi = _interval(rows, stage, key)
@@ -440,54 +701,180 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None) -> Path:
                 ax.axhspan(lo[0], hi[0], color=COLORS[stage], alpha=0.1, lw=0)
             else:
                 ax.errorbar(x, y, yerr=yerr, fmt="o-", color=COLORS[stage], label=stage, capsize=3)
-        ax.set_title(f"A: {key} (bars: 95% CI)")
+        ax.set_title(f"A: {key} per stage (bars: 95% CI)")
         ax.set_xlabel("round")
+        ax.set_ylabel(ylabels[key])
     if axes[0].get_legend_handles_labels()[0]:  # an empty run folder has nothing to label
-        axes[0].legend(fontsize=8)
+        axes[0].legend(fontsize=9)
     ax = axes[3]
-    for stage in ("random", "steered", "healed"):
+    for stage in ("base", "random", "steered", "healed"):
         x, c, lo, hi = _interval(rows, stage, "coherence")
         if x:
             y = [max(1 - v, 1e-6) for v in c]
             yerr = [[max(v - a, 0) for v, a in zip(c, lo)], [max(b - v, 0) for v, b in zip(c, hi)]]  # 1 - c flips the bounds
             ax.errorbar(x, y, yerr=[[max(min(e, v - 1e-6), 0) for e, v in zip(yerr[1], y)], yerr[0]],
-                        fmt="s:" if stage == "random" else "o-", mfc="none" if stage == "random" else None, color=COLORS[stage],
+                        fmt="*" if stage == "base" else "s:" if stage == "random" else "o-",
+                        ms=14 if stage == "base" else 6, mfc="none" if stage == "random" else None, color=COLORS[stage],
                         label="random band (mean, min-max)" if stage == "random" else stage, capsize=3)
     ax.set_yscale("log")
-    ax.set_title("B: 1 - coherence (down = coherent)")
+    # readable on any span: 1-2-5 ticks, plain numbers (a tiny run spans less than a decade)
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_title("B: incoherence (bars: 95% CI)")
     ax.set_xlabel("round")
+    ax.set_ylabel("1 - coherence (log; down = coherent)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9)
     ax = axes[4]
     for stage in STAGE_ORDER:
         pts = [r for r in rows if r["stage"] == stage and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
         if pts:
             ax.plot([r["auth_nats"] for r in pts], [r["care_nats"] for r in pts], "*" if stage == "base" else "o-",
                     color=COLORS[stage], label=stage, ms=12 if stage == "base" else 6)
+            if stage in ("steered", "healed"):
+                for r in pts:
+                    ax.annotate(f"r{r['round']}", (r["auth_nats"], r["care_nats"]), fontsize=8,
+                                xytext=(3, 3), textcoords="offset points")
     members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
     if members:
         ax.plot([r["auth_nats"] for r in members], [r["care_nats"] for r in members], ".", color=COLORS["random"],
                 alpha=0.6, label="random controls")
-    from matplotlib.ticker import MaxNLocator
-
+    ax.set_xlabel("auth_nats = ln profile[Authority]")
+    ax.set_ylabel("care_nats = ln profile[Care]")
+    ax.set_title("C: care vs authority (goal: up and to the left)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax = axes[5]
+    healed = [r for r in rows if r["stage"] == "healed" and _num(r.get("kl_to_base"))]
+    ax.plot([r["round"] for r in healed], [r["kl_to_base"] for r in healed], "o-", color=COLORS["healed"],
+            label="KL(healed || base)")
+    ax.set_ylabel("KL per answer token (nats)")
+    ax.set_xlabel("round")
+    cos = [r for r in rows if r["stage"] == "healed" and _num(r.get("vector_cosine_to_round0"))]
+    if cos:
+        ax2 = ax.twinx()
+        ax2.plot([r["round"] for r in cos], [r["vector_cosine_to_round0"] for r in cos], "s--", color="#9467bd",
+                 label="vector cosine to round 0")
+        ax2.set_ylabel("cosine of the round's vector to round 0's", color="#9467bd")
+        ax2.set_ylim(-1.05, 1.05)
+    ax.set_title("D: drift")
     rounds = sorted({r["round"] for r in rows}) or [0]
-    for a in axes[:4]:
+    for a in (*axes[:4], axes[5]):
         a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         a.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)  # a band spans the rounds, not matplotlib's +-0.05
-    ax.set_xlabel("auth_nats")
-    ax.set_ylabel("care_nats")
-    ax.set_title("C: care vs authority")
+    fig.suptitle(f"steerheal run {run_name(run_dir)}: {len(rounds)} round(s)", fontsize=14)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    path = contract.run_path(run_dir, "trajectory")
+    out_dir = Path(run_dir) if out_dir is None else Path(out_dir)
+    path = out_dir / contract.run_path(run_dir, "trajectory").name
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
+# ------------------------------------------------------------------ compare runs
+def compare_rows(run_dirs: list[Path | str]) -> list[dict]:
+    """Per run: the last evaluated round's steered and healed rows (with their deltas from base)."""
+    out = []
+    for d in run_dirs:
+        rows = metric_rows(d)
+        if not rows:
+            continue
+        last = max(r["round"] for r in rows)
+        out += [{"run": run_name(d), **r} for r in rows if r["round"] == last and r["stage"] in ("steered", "healed")]
+    return out
+
+
+def compare_figure(run_dirs: list[Path | str]):
+    """The headline panels of several runs overlaid: one colour per run, healed solid, steered
+    dotted, base a star; bars are 95% CIs."""
+    from plotly.subplots import make_subplots
+
+    keys = ("auth_nats", "care_nats", "axis_logodds", "coherence")
+    f = make_subplots(rows=1, cols=4, subplot_titles=keys)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    names = [run_name(d) for d in run_dirs]
+    if len(set(names)) < len(names):  # two runs of the same name: the parent folder tells them apart
+        names = [f"{Path(d).resolve().parent.name}/{n}" for d, n in zip(run_dirs, names)]
+    for k, (d, name) in enumerate(zip(run_dirs, names)):
+        rows, color = metric_rows(d), palette[k % len(palette)]
+        for col, key in enumerate(keys, 1):
+            for stage, dash in (("healed", "solid"), ("steered", "dot"), ("base", None)):
+                x, y, lo, hi = _interval(rows, stage, key)
+                if not x:
+                    continue
+                f.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), name=f"{name} {stage}", legendgroup=f"{name}{stage}",
+                              showlegend=col == 1, mode="markers" if stage == "base" else "lines+markers",
+                              line=dict(color=color, dash=dash or "solid"),
+                              marker=dict(color=color, symbol="star" if stage == "base" else "circle",
+                                          size=12 if stage == "base" else 7), row=1, col=col)
+            f.update_yaxes(title_text=key, row=1, col=col)
+    f.update_xaxes(title_text="round", dtick=1)
+    f.update_layout(title="runs overlaid: healed solid, steered dotted, base star (bars: 95% bootstrap CI)", height=420)
+    return f
+
+
+def write_compare(run_dirs: list[Path | str], out_dir: Path | str) -> Path:
+    """``out_dir/compare.html``: the overlaid panels and a table of final-round deltas from base with CIs."""
+    import plotly.io as pio
+
+    out_dir = Path(out_dir)
+    rows = compare_rows(run_dirs)
+    head = "".join(f"<th>Δ {m}</th>" for m in HEADLINE)
+    body = "".join(f"<tr><td>{html.escape(r['run'])}</td><td>{r['round']:02d}</td><td>{r['stage']}</td>"
+                   + "".join(f"<td>{_ci_text(r, f'delta_{m}', signed=True) if _num(r.get(f'delta_{m}')) else ''}</td>"
+                             for m in HEADLINE) + "</tr>" for r in rows)
+    doc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>steerheal compare: {html.escape(', '.join(run_name(d) for d in run_dirs))}</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px;text-align:left}}</style></head>
+<body><h1>steerheal: {len(run_dirs)} runs compared</h1>
+<p>Final evaluated round of each run: change from its own base model, paired over the same vignettes / probe
+items, with the 95% bootstrap interval. Runs are comparable only where they share the eval set and protocol
+(see each run's config).</p>
+<table><tr><th>run</th><th>round</th><th>stage</th>{head}</tr>{body}</table>
+{pio.to_html(compare_figure(run_dirs), include_plotlyjs=True, full_html=False, config={"displaylogo": False})}
+<h2>Runs</h2><ul>{''.join(f"<li><code>{html.escape(str(Path(d).resolve()))}</code></li>" for d in run_dirs)}</ul>
+</body></html>
+"""
+    path = out_dir / "compare.html"
+    atomic_write_text(path, doc)
+    return path
+
+
+def add_compare_cli(p) -> None:
+    """``steerheal compare A B ... [--out DIR]``."""
+    p.add_argument("run_dirs", nargs="+", help="two or more run folders")
+    p.add_argument("--out", default=".", help="folder for compare.html (default: the current folder)")
+    p.set_defaults(func=_cli_compare)
+
+
+def _cli_compare(args) -> int:
+    import sys
+
+    dirs = [Path(d) for d in args.run_dirs]
+    bad = [str(d) for d in dirs if not d.is_dir() or not load_evals(d)]
+    if bad:
+        print(f"error: not a run folder with an evaluated round: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = write_compare(dirs, args.out)
+    for r in compare_rows(dirs):
+        print(f"{r['run']} round {r['round']:02d} {r['stage']}: " + "; ".join(
+            f"Δ{m} {_ci_text(r, f'delta_{m}', signed=True)}" for m in HEADLINE if _num(r.get(f"delta_{m}"))),
+            file=sys.stderr)
+    print(json.dumps({"compare": str(path)}))
+    return 0
+
+
 # ------------------------------------------------------------------ command line
 def add_cli(p) -> None:
-    """``steerheal report DIR``: rebuild metrics.csv, report.html and trajectory.png."""
+    """``steerheal report DIR [--out OUT]``: rebuild metrics.csv, report.html and trajectory.png."""
     p.add_argument("run_dir", help="a run folder (with round_NN/eval.json files)")
+    p.add_argument("--out", default=None, help="write the three files into this folder instead of the run folder "
+                   "(for a read-only or shared run)")
     p.set_defaults(func=_cli_report)
 
 
@@ -501,8 +888,13 @@ def _cli_report(args) -> int:
     if not load_evals(run_dir):
         print(f"error: {run_dir} has no round_NN/eval.json yet: run 05_eval first", file=sys.stderr)
         return 1
-    write_metrics(run_dir)
-    path = write_report(run_dir)
-    print(json.dumps({"report": str(path), "metrics": str(contract.run_path(run_dir, "metrics")),
-                      "png": str(contract.run_path(run_dir, "trajectory"))}))
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = write_metrics(run_dir, out)
+    path = write_report(run_dir, out)
+    for line in headline_lines(run_dir):
+        print(line, file=sys.stderr)
+    print(json.dumps({"report": str(path), "metrics": str(metrics),
+                      "png": str(path.parent / contract.run_path(run_dir, "trajectory").name)}))
     return 0

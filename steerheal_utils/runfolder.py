@@ -135,6 +135,8 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # libraries (peft, safetensors) may write 0600 files: artifacts are shared
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
         if path.exists():
             # Two renames, not one: os.replace cannot replace a non-empty folder. A crash
             # between them leaves the old folder under a hidden .old name and no `path`;

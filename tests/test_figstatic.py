@@ -265,12 +265,49 @@ def test_every_figure_of_an_executed_round_has_an_image_in_the_html_export(tmp_p
         for p in pngs:
             img = Image.open(io.BytesIO(base64.b64decode(p))).convert("RGB")
             assert img.width >= 400 and len(set(img.getdata())) > 8  # drawn, not blank
+        outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        widgets = [o["data"] for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert all("text/html" in d for d in widgets), f"{path.name}: a widget without a static copy"
+        assert not (nb.metadata.get("widgets") or {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
+        text = "".join(o.get("text", "") for o in outs if o.get("output_type") == "stream")
+        assert "0%|" not in text, f"{path.name}: a progress bar saved frozen"
         static_bytes += sum(map(len, pngs)) + sum(map(len, tables))
         n_figs += len(figs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             body, _ = HTMLExporter().from_notebook_node(nb)
         assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', body)) == len(pngs), path.name
-        assert body.count('class="steerheal-static-table"') == len(tables), path.name
+        n_widget_tables = sum(d["text/html"].count('class="steerheal-static-table"') for d in widgets)
+        assert body.count('class="steerheal-static-table"') == len(tables) + n_widget_tables, path.name
     assert n_figs >= 12  # 01-05 show at least a dozen figures on a tiny round
+    heal = nbformat.read(run / "round_00" / "04_heal.ipynb", as_version=4)
+    assert re.search(r"heal r00: \d+/\d+ in ", "".join(o.get("text", "") for c in heal.cells if c.cell_type == "code"
+                                                         for o in c.get("outputs", []))), "heal's finished bar as text"
+    sizes = {p.name: p.stat().st_size for p in (run / "round_00").glob("0*.ipynb")}
+    print("executed notebook sizes (bytes):", sizes, "total", sum(sizes.values()))
     assert static_bytes < 300_000, static_bytes  # measured ~190 KB a round (PNG palette, 900 px wide)
+
+
+# ------------------------------------------------------------------ widgets with a static copy
+def test_a_widget_carries_its_static_html_and_nbconvert_shows_it():
+    W = pytest.importorskip("ipywidgets")
+    from nbconvert import HTMLExporter
+
+    from steerheal_utils import filter as filt
+
+    rows = [{"id": "a", "reason": "keep", "prompt": "p", "completion": "<b>kept</b> text", "tail_ppl": 3.0},
+            {"id": "b", "reason": "token_soup", "prompt": "p", "completion": "zz zz", "tail_ppl": 90.0}]
+    w = filt.browser(rows)
+    data = w._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data  # JupyterLab still gets the widget
+    static = data["text/html"]
+    assert "&lt;b&gt;kept&lt;/b&gt;" in static and "<b>kept</b>" not in static  # escaped, not markup
+    assert "keep 1" in static and "token_soup 1" in static
+    assert isinstance(w.children, tuple)  # the wrapper passes attributes through to the widget
+    # a saved notebook has no widget state: nbconvert falls through to the static copy
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("browser")
+    cell.outputs = [nbformat.v4.new_output("execute_result", data=data, execution_count=1)]
+    nb.cells = [cell]
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    assert "token_soup: 1 of 1" in body

@@ -54,7 +54,20 @@ def _fake_run(run):
         atomic_write_json(run / f"round_{r:02d}" / "eval.json", ev)
         for s in STAGES:  # markers of finished steps (without hashes: an older version's, which still count)
             atomic_write_json(marker_path(run, r, s), {"stage": s, "round": r})
-    atomic_write_jsonl(run / "round_00" / "completions.jsonl", [{"keep": True}, {"keep": False}, {"keep": True}])
+    atomic_write_jsonl(run / "round_00" / "completions.jsonl", [{"keep": True, "prompt": "Which prompt?",
+                                                                 "completion": "a kept <steered> text, longer"},
+                                                                {"keep": False}, {"keep": True}])
+    for r in range(3):  # what 02-04 record besides eval.json: the dose path, verdicts, heal steps, Q1, step times
+        atomic_write_json(run / f"round_{r:02d}" / "generate.json", {
+            "dose": 0.1 + r / 100, "calibration": {"crossing_ci": [0.05, 0.2]},
+            "calibration_path": [{"step": i, "phase": "grid", "dose": d, "kept": 3, "n": 4} for i, d in enumerate((0.01, 0.1, 1.0))]})
+        atomic_write_json(run / f"round_{r:02d}" / "filter.json", {"reasons": {"keep": 5 - r, "token_soup": r}})
+        (run / f"round_{r:02d}" / "heal_steps.csv").write_text("step,epoch,loss,nll,D,tau\n0,0,2.0,2.0,0.3,0.5\n1,0,1.5,1.5,0.4,0.5\n")
+        for s in STAGES:
+            atomic_write_json(marker_path(run, r, s), {"stage": s, "round": r, "seconds": 65.0})
+        (run / f"round_{r:02d}" / "01_vector.ipynb").write_text("{}")
+    atomic_write_json(run / "round_00" / "heal_q1.json", {"round": 0, "sets": {
+        "steered": {"examples": ["a kept <steered> text"]}, "healed_greedy": {"examples": ["healed answer"]}}})
 
 
 def test_metrics_csv(tmp_path):
@@ -92,15 +105,26 @@ def test_report_html_and_png(tmp_path):
     report.write_metrics(tmp_path)
     path = report.write_report(tmp_path)
     text = path.read_text()
-    for panel in ("A · on-target", "B · log-incoherence", "C · care vs authority", "D · drift"):
-        assert panel in text
-    assert text.count("Plotly.newPlot") == 4
+    for panel in ("A · on-target", "B · log-incoherence", "C · care vs authority", "D · drift", "E · all seven",
+                  "F · heal", "G · dose path", "H · filter verdicts"):
+        assert text.count(json.dumps(panel)[1:-1]) == 1, panel  # once: in the figure, not repeated as a heading
+    assert text.count("Plotly.newPlot") == 8
+    for nats in report.NATS:
+        assert f'"{nats}"' in text  # E plots every foundation
+    assert "<h1>steerheal run <code>" + tmp_path.name + "</code></h1>" in text and str(tmp_path) not in text.split("<h2>")[0]
+    assert "round 00: <a href='round_00/01_vector.ipynb'>01_vector</a>" in text  # the journal, linked relatively
+    assert "<th>round 01</th><td>1m05s</td>" in text  # wall time per stage from the step records
+    assert "a kept &lt;steered&gt; text" in text and "healed greedy" in text and "Which prompt?" in text
+    assert "auth_nats (nats)" in text and "cosine to round 0" in text  # axis labels on A and D
     assert text.count("plotly.js v") <= 2 and "cdn.plot.ly" not in text.split("Plotly.newPlot")[0][-2000:]  # offline
     assert "Round 1: I &lt;would&gt; refuse &amp; &quot;report&quot; it." in text  # escaped quote of the answer
     assert "coh_floor 0.5" in text and "The loop stopped" in text
     assert "Control band" in text and "Not matched in effect:</b> random_01" in text and "random band (min-max)" in text
     png = tmp_path / "trajectory.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(png).size == (1650, 1000)
     assert path.stat().st_size < 10_000_000
 
 
@@ -127,3 +151,38 @@ def test_a_flagged_dose_shows_in_metrics_and_in_the_report(tmp_path):
     assert flag[("2", "steered")] == "" and flag[("0", "base")] == ""
     text = report.write_report(tmp_path).read_text()
     assert "Dose flagged." in text and "round 01 dose 0.005 (calibrated): below_target" in text
+
+
+def test_report_out_writes_elsewhere_and_leaves_the_run_folder_alone(tmp_path, capsys):
+    from steerheal_utils.cli import main
+
+    run, out = tmp_path / "shared_run", tmp_path / "mine"
+    _fake_run(run)
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written into the run folder
+    assert {p.name for p in out.iterdir()} >= {"report.html", "metrics.csv", "trajectory.png"}
+    text = (out / "report.html").read_text()
+    assert "href='../shared_run/round_00/01_vector.ipynb'" in text  # links still reach the journal
+    err = capsys.readouterr().err
+    assert "round 02 (the last evaluated)" in err and "healed  axis_logodds  0.1 [0.05, 0.15]" in err
+
+
+def test_headline_lines_carry_the_intervals(tmp_path):
+    _fake_run(tmp_path)
+    lines = report.headline_lines(tmp_path)
+    assert "healed auth_nats -3.9 [-3.95, -3.85] Δ -2.1 [-2.11, -2.09]" in [" ".join(x.split()) for x in lines]
+
+
+def test_compare_overlays_runs_and_tabulates_final_deltas(tmp_path, capsys):
+    from steerheal_utils.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_run(a)
+    _fake_run(b)
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.html").read_text()
+    assert text.count("<tr><td>a</td><td>02</td>") == 2 and text.count("<tr><td>b</td><td>02</td>") == 2
+    assert "-2.1 [-2.11, -2.09]" in text and text.count("Plotly.newPlot") == 1
+    assert "a healed" in text and "b steered" in text  # both runs' traces in the overlay
+    assert main(["compare", str(a), str(tmp_path / "nope")]) == 1

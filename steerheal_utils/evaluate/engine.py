@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
-from tqdm.auto import tqdm
+from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
 from ..batching import left_pad, length_sorted_batches
 from ..models import model_device

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
 from .. import controls, models
 from ..adapters import active_adapters, adapter_dirs, bake_adapters, has_adapter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
+from ..figstatic import browser_static
 from .gates import GATES
 from .rows import reason_counts
 
@@ -42,4 +43,4 @@ def browser(rows: Sequence[dict[str, Any]]) -> Any:
     pick.observe(lambda _: (setattr(idx, "value", 0), show()), names="value")
     idx.observe(show, names="value")
     show()
-    return W.VBox([W.HBox([pick, idx]), view])
+    return browser_static(W.VBox([W.HBox([pick, idx]), view]), rows)  # + a static table for readers without a kernel

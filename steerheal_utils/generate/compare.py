@@ -9,6 +9,7 @@ from typing import Sequence
 from torch import nn
 
 from .. import datafiles
+from ..figstatic import with_static
 from ..vector.value import SteeringVector
 from .sampling import sample, sample_params
 
@@ -64,7 +65,9 @@ def compare_widget(model: nn.Module, tok, sv: SteeringVector, prompts: Sequence[
             button.disabled = False
 
     button.on_click(show)
-    return W.VBox([W.HBox([picker, slider, button]), shown, text])
+    return with_static(W.VBox([W.HBox([picker, slider, button]), shown, text]),
+                       "<p><i>Interactive dose comparison: open this notebook in JupyterLab with a kernel to sample "
+                       "any prompt at any dose (the held-out comparison above is its static record).</i></p>")
 
 
 def heldout_comparison(ctx, result, prompt_id: str = "heldout-ceo-logs") -> str:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
 from ..batching import eos_ids, left_pad, length_sorted_batches
 from ..chat import prompt_ids, render_prompt

@@ -23,7 +23,8 @@ from ..filter.rows import filter_rows
 from ..runfolder import RunFolderError, atomic_write_json, atomic_write_jsonl, read_json
 from ..vector.steering import check_vector_matches
 from ..vector.value import SteeringVector
-from .dose import Judge, calibrate_dose, collect, dose_checks, dose_warning
+from ..progress import search_note
+from .dose import BASELINE_REPS, Judge, calibrate_dose, collect, dose_checks, dose_warning
 from .sampling import permutation, sample, sample_params
 
 # A completions.jsonl row as 02 writes it; 03 adds every filter score, "reason" and "keep".
@@ -88,6 +89,7 @@ def run_stage(ctx) -> GenerateResult:
     seconds = {"calibration": 0.0, "collection": 0.0}
 
     def gen(dose: float, start: int, n: int, seed: int, phase: str) -> list[dict]:
+        search_note(phase, dose, n_tok, cfg, BASELINE_REPS)  # the driver's status line: which call, which dose
         picks = [order[(start + j) % len(order)] for j in range(n)]
         t = time.time()
         rows = sample(model, tok, [pool[i]["text"] for i in picks], sv=sv, dose=dose, seed=seed, progress=True, **params)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
 from ..adapters import set_active
 from ..kl import AGGREGATES, aggregate_kl

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
 from .. import datafiles
 from ..batching import left_pad
