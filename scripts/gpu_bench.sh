@@ -38,6 +38,8 @@ timeout -k 10 "$LIMIT" "$PY" -m steerheal_utils bench --random-config gemma-3-4b
   --out "$OUT/bench_gpu.json" 2>&1 | grep -v -e "Warning" -e "warnings.warn" | tee "$OUT/bench_gpu.log"
 rc=${PIPESTATUS[0]}
 echo "bench exit code: $rc (124 = stopped at ${LIMIT}s; the JSON holds the stages that finished)"
+# one decode step's sampling cost, transformers' warpers vs TopKTopP (CPU and this GPU), batch 256 x 262k vocab
+timeout -k 10 120 "$PY" scripts/sampler_bench.py --reps 20 --devices cuda 2>&1 | tee "$OUT/sampler_bench.jsonl" || true
 "$PY" - "$OUT/bench_gpu.json" <<'PY' || true
 import json, sys
 from steerheal_utils.tools.bench import format_table

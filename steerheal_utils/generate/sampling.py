@@ -20,6 +20,7 @@ from ..chat import prompt_ids, render_prompt
 from ..models import model_device
 from ..vector.steering import steer, steering_slots
 from ..vector.value import SteeringVector
+from .warp import generate_kwargs
 
 
 def permutation(n: int, seed: int) -> list[int]:
@@ -73,10 +74,9 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     dev = model_device(model)
     gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
-    if temperature > 0:
-        gen_kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
-    else:
-        gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # temperature, top-k and top-p in one processor: top-p on the k survivors, not a sort of the
+    # whole vocabulary every step (same kept tokens and scores as transformers' three warpers)
+    gen_kw.update(generate_kwargs(temperature, top_k, top_p))
     if min_new_tokens:
         gen_kw["min_new_tokens"] = min_new_tokens
     static = compiled_generation(model, enable=compile and (sv is None or dose == 0 or (positions == "all" and halflife == 0)))
