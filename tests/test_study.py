@@ -95,7 +95,7 @@ def test_outputs_exist_with_their_columns(tiny_study):
                                                                                "steered"}
     # each run is its own process at threads=1, logged
     assert C.load_config(tiny_study / "study" / MEAN0 / "config.yaml").threads == 1
-    assert "steerheal_utils run" in (tiny_study / "study" / "logs" / "mean-s0.log").read_text()
+    assert "steerheal_utils run" in (tiny_study / "study" / "logs" / f"{MEAN0}.log").read_text()
     md = (out / "results.md").read_text()
     assert "| rmse | healed | 0 |" in md and "heldout-ceo-logs" in md
     assert "(CI " in md and "Difference from base" in md and "| all | random | 0 |" in md
