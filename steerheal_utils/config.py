@@ -61,6 +61,7 @@ class Config:
     model: str = knob("smollm2-135m-instruct", "HF model id, local folder, 'smollm2-135m-instruct' (embedded) or 'tiny:llama' / 'tiny:gemma3' (random-init test models)", section="common")
     dtype: str = knob("auto", "weights dtype; auto = bfloat16 on CUDA, float32 elsewhere", choices=("auto", "float32", "bfloat16", "float16"), section="common")
     device: str = knob("auto", "torch device; auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"), section="common")
+    device_map: dict[str, int | str] | str | None = knob(None, "spread the model over devices with accelerate (replaces device): auto / balanced / sequential, or a mapping module -> device, e.g. {model.layers.0: 0, lm_head: 1}; null = the whole model on device", section="common")
     trust_remote_code: bool = knob(False, "allow model repos to run their own Python code (off: safer)", section="common")
     seed: int = knob(0, "base seed; every stage derives its own from (seed, round, stage)", lo=0, section="common")
     pos_persona: str = knob(POS_PERSONA, "persona whose direction is added (system prompt)", section="common")
@@ -279,7 +280,19 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0])
+        if len(inner) == 1:
+            return _coerce(name, value, inner[0])
+        for a in inner:  # the first type the value fits
+            try:
+                return _coerce(name, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {_coerce(name, k, k_tp): _coerce(f"{name}[{k}]", v, v_tp) for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):  # comma-separated shorthand: --set layers=13,14
@@ -364,6 +377,9 @@ def validate(values: dict[str, Any]) -> Config:
         raise ConfigError(f"lora_layer_lo ({cfg.lora_layer_lo}) must not exceed lora_layer_hi ({cfg.lora_layer_hi})")
     if cfg.calib_lo <= 0 or cfg.calib_lo >= cfg.calib_hi:
         raise ConfigError(f"calib_lo must be > 0 and below calib_hi (got {cfg.calib_lo}, {cfg.calib_hi})")
+    from .devices import check_device_map
+
+    check_device_map(cfg.device_map)
     bad_controls = set(cfg.controls) - {"prompted", "random"}
     if bad_controls:
         raise ConfigError(f"controls: {sorted(bad_controls)} not among prompted, random")

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig,
                           PreTrainedTokenizerFast)
 
-from . import datafiles, embedded
+from . import datafiles, devices, embedded
 from .adapters import adapter_dirs, bake_adapters
 
 TINY_ARCHS = ("llama", "gemma3")
@@ -142,30 +142,41 @@ def check_model(name: str, *, trust_remote_code: bool = False) -> None:
         raise ModelLoadError(_explain_load_error(name, e)) from None
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, seed: int = 0):
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, seed: int = 0,
+               device_map: str | dict | None = None):
     """Load ``(model, tokenizer)`` for an HF id, a local folder, the embedded default or ``tiny:<arch>``.
 
     ``trust_remote_code`` is passed to transformers as given (the config's default is off:
     a model repo's own Python code never runs unless the user turned it on).
     Errors name the model and point at alternatives instead of ending in a bare stack trace.
     ``seed`` only matters for ``tiny:<arch>`` (the random init); real weights are what they are.
+    ``device_map`` (a strategy or a mapping module -> device) spreads the model over devices with
+    accelerate instead of moving it to ``device`` (:mod:`steerheal_utils.devices`).
     """
     dev = resolve_device(device)
     if name.startswith("tiny:"):
         model, tok = tiny_model(_tiny_arch(name), seed=seed)
+        if device_map is not None:
+            model = devices.dispatch(model.to(resolve_dtype(dtype, dev) if dtype != "auto" else torch.float32), device_map)
+            devices.check_resident(model)
+            return model, tok
         return model.to(dev, resolve_dtype(dtype, dev) if dtype != "auto" else torch.float32), tok
     path = _model_path(name)
 
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)  # never a pickle (see _model_path)
+                                                     use_safetensors=True, **placement)  # never a pickle (see _model_path)
     except Exception as e:  # OSError, ValueError, ImportError, safetensors' own errors on a corrupted file
         raise ModelLoadError(_explain_load_error(name, e)) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model.generation_config.pad_token_id = tok.pad_token_id
+    if device_map is not None:
+        devices.check_resident(model)
+        return model.eval(), tok
     return model.to(dev).eval(), tok
 
 
@@ -188,7 +199,8 @@ def _explain_load_error(name: str, e: Exception) -> str:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's inputs go (the input embedding's device when it is spread over devices)."""
+    return devices.input_device(model)
 
 
 # ------------------------------------------------------------------ layers
@@ -213,7 +225,8 @@ def n_layers(model: nn.Module) -> int:
 
 def load_base(cfg):
     """``(model, tokenizer)``: the config's base model (``model``, ``dtype``, ``device``, ``trust_remote_code``)."""
-    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                      device_map=cfg.device_map)
 
 
 def load_round_model(cfg, run_dir: Path | str | None, rnd: int, *, merge: bool = False):
@@ -227,5 +240,6 @@ def describe_model(model: nn.Module, tok) -> dict:
     """A small summary for logs and run metadata."""
     return {"class": type(model).__name__, "name": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", ""),
             "n_layers": n_layers(model), "n_params": sum(p.numel() for p in model.parameters()),
-            "dtype": str(next(model.parameters()).dtype), "device": str(model_device(model)), "vocab": len(tok)}
+            "dtype": str(next(model.parameters()).dtype), "device": str(model_device(model)), "vocab": len(tok),
+            **({"layer_devices": devices.layer_devices(model)} if devices.is_dispatched(model) else {})}
 

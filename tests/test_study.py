@@ -1,5 +1,9 @@
 """The study runner on the tiny preset: outputs, resume without new work, and that sharing round 0
-between arms gives byte-identical files to computing them in the arm's own run."""
+between arms gives byte-identical files to computing them in the arm's own run.
+
+The study is a sweep run through an executor: the shared fixture runs 2 arms x 2 seeds through
+submitit's local executor (``--backend slurm --cluster local``: real processes under submitit's
+own controller); the failed-run test runs it again through the local backend."""
 
 import csv
 import json
@@ -20,10 +24,14 @@ FAST = ("--set", "dose=0.1", "--set", "eval_max_rows=7", "--set", "probe_max_ite
 EXTRA = {"dose": 0.1, "eval_max_rows": 7, "probe_max_items": 4}
 
 
+RMSE0, MEAN0, MEAN1 = study.run_name("rmse", 0), study.run_name("mean", 0), study.run_name("mean", 1)
+SLURM_LOCAL = ("--backend", "slurm", "--cluster", "local", "--time", "30", "--jobs", "2")
+
+
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**__import__("os").environ, "STEERHEAL_CACHE": str(tmp_path / "cache")}
     return subprocess.run([sys.executable, "-m", "steerheal_utils", "study", "--preset", "tiny", "--arms", "rmse", "mean",
-                           "--seeds", "0", "--rounds", "1", "--study-dir", str(tmp_path / "study"),
+                           "--seeds", "0", "1", "--rounds", "1", *SLURM_LOCAL, "--study-dir", str(tmp_path / "study"),
                            "--out", str(tmp_path / "out"), *FAST, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -39,7 +47,7 @@ def tiny_study(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
+@pytest.mark.slow  # one tiny study (2 arms x 2 seeds x 1 round, submitit local): 11 min measured on the shared cores at load 10-17
 def test_outputs_exist_with_their_columns(tiny_study):
     out = tiny_study / "out"
     with open(out / "runs.csv") as f:
@@ -68,24 +76,26 @@ def test_outputs_exist_with_their_columns(tiny_study):
     assert (out / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ceo = json.loads((out / "ceo_outputs.json").read_text())
     assert ceo["prompt_id"] == "heldout-ceo-logs" and set(ceo["arms"]) == {"rmse", "mean"}
-    assert set(ceo["arms"]["rmse"]) == {"0"} and isinstance(ceo["base"], str)
+    assert set(ceo["arms"]["rmse"]) == {"0"} and isinstance(ceo["base"], str)  # the first seed's answers
     meta = json.loads((out / "study.json").read_text())
-    assert meta["scale"] == "full" and meta["seeds"] == [0] and meta["arms"] == ["rmse", "mean"]
+    assert meta["scale"] == "full" and meta["seeds"] == [0, 1] and meta["arms"] == ["rmse", "mean"]
     assert meta["overrides"]["common"]["tau_mode"] == "quantile" and meta["overrides"]["common"]["dose"] == 0.1
     assert meta["control_max_abs_diff_between_arms"] == 0.0  # base/prompted/random do not depend on the arm
-    assert meta["runs"]["mean-s0"]["shared_round0_stages"] == list(study.SHARED_STAGES)
-    assert meta["runs"]["rmse-s0"]["shared_round0_stages"] == []
+    assert meta["runs"][MEAN0]["shared_round0_stages"] == list(study.SHARED_STAGES)
+    assert meta["runs"][RMSE0]["shared_round0_stages"] == []
     assert 0 < meta["wall_seconds"] and meta["compute_seconds_total"] > 0
-    assert sorted(n for runs in meta["run_git_commits"].values() for n in runs) == ["mean-s0", "rmse-s0"]
+    assert sorted(n for runs in meta["run_git_commits"].values() for n in runs) == sorted(
+        study.run_name(a, s) for a in ("rmse", "mean") for s in (0, 1))
+    assert meta["runs"][MEAN1]["shared_round0_stages"] == list(study.SHARED_STAGES)  # per seed, from rmse's run
     # round 0's arm-independent evals were copied from the first arm and read back, not recomputed
-    shared = json.loads((tiny_study / "study" / "mean-s0" / "shared_from.json").read_text())
+    shared = json.loads((tiny_study / "study" / MEAN0 / "shared_from.json").read_text())
     assert shared["eval_stages"] == ["base", "prompted", "random_00", "random_01", "steered"]  # tiny: 2 controls
-    notes = json.loads((tiny_study / "study" / "mean-s0" / "round_00" / "eval.json").read_text())["notes"]
+    notes = json.loads((tiny_study / "study" / MEAN0 / "round_00" / "eval.json").read_text())["notes"]
     assert {n.split(":")[0] for n in notes if "read from eval_stages" in n} == {"base", "prompted", "random_00", "random_01",
                                                                                "steered"}
     # each run is its own process at threads=1, logged
-    assert C.load_config(tiny_study / "study" / "mean-s0" / "config.yaml").threads == 1
-    assert "steerheal_utils run" in (tiny_study / "study" / "logs" / "mean-s0.log").read_text()
+    assert C.load_config(tiny_study / "study" / MEAN0 / "config.yaml").threads == 1
+    assert "steerheal_utils run" in (tiny_study / "study" / "logs" / f"{MEAN0}.log").read_text()
     md = (out / "results.md").read_text()
     assert "| rmse | healed | 0 |" in md and "heldout-ceo-logs" in md
     assert "(CI " in md and "Difference from base" in md and "| all | random | 0 |" in md
@@ -93,15 +103,16 @@ def test_outputs_exist_with_their_columns(tiny_study):
     with open(out / "pipeline.csv") as f:
         pipe = {(r["arm"], r["round"]): r for r in csv.DictReader(f)}
     assert set(pipe) == {("rmse", "0"), ("mean", "0")}
+    assert {p["n_seeds"] for p in pipe.values()} == {"2"}
     for r in pipe.values():
         assert float(r["dose_mean"]) == 0.1 and 0 <= float(r["keep_rate_mean"]) <= 1
         assert r["q1_loop_steered_mean"] != "" and r["heal_nll_last_mean"] != ""
     assert "| rmse | 0 | 0.100 |" in md and "Q1 loop" in md
 
 
-@pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
+@pytest.mark.slow  # one tiny study (2 arms x 2 seeds x 1 round, submitit local): 11 min measured on the shared cores at load 10-17
 def test_second_invocation_does_no_stage_work(tiny_study):
-    runs = [tiny_study / "study" / n for n in ("rmse-s0", "mean-s0")]
+    runs = [tiny_study / "study" / study.run_name(a, s) for a in ("rmse", "mean") for s in (0, 1)]
     before = [markers(r) for r in runs]
     assert all(len(b) == len(STAGES) for b in before)
     r = cli(tiny_study)
@@ -110,14 +121,14 @@ def test_second_invocation_does_no_stage_work(tiny_study):
     assert json.loads(r.stdout.strip().splitlines()[-1])["errors"] == []
 
 
-@pytest.mark.slow  # one tiny study (2 arms x 1 round): ~1.5 min quiet, ~4 min on the shared cores
+@pytest.mark.slow  # one tiny study (2 arms x 2 seeds x 1 round, submitit local): 11 min measured on the shared cores at load 10-17
 def test_shared_round0_is_byte_identical_to_its_own(tiny_study, tmp_path):
     """The arm that got round 0's 01-03 by copy has the same bytes an own computation gives."""
     from steerheal_utils.driver import run_loop
 
-    copied = tiny_study / "study" / "mean-s0"
+    copied = tiny_study / "study" / MEAN0
     rec = json.loads((copied / "shared_from.json").read_text())
-    assert rec["source"].endswith("rmse-s0") and "completions.jsonl" in rec["files"]
+    assert rec["source"].endswith(RMSE0) and "completions.jsonl" in rec["files"]
     assert "adapter/adapter_model.safetensors" not in rec["files"] and ".done/04_heal.json" not in rec["files"]
     own = tmp_path / "own"
     run_loop(own, study.arm_config("mean", 0, "full", "tiny", EXTRA), 1, stages=study.SHARED_STAGES)
@@ -172,26 +183,26 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tiny_study, tmp_path):
 
     study_dir = tmp_path / "study"
     shutil.copytree(tiny_study / "study", study_dir)
-    broken = study_dir / "mean-s0"
+    broken = study_dir / MEAN0
     shutil.rmtree(broken / "round_00")
     (broken / "round_00" / ".done").mkdir(parents=True)
     (broken / "round_00" / ".done" / "04_heal.json").write_text("{}")  # 04 done without 01-03: inconsistent
-    rmse_before = markers(study_dir / "rmse-s0")
+    rmse_before = markers(study_dir / RMSE0)
     env = {**__import__("os").environ, "STEERHEAL_CACHE": str(tiny_study / "cache")}
     r = subprocess.run([sys.executable, "-m", "steerheal_utils", "study", "--preset", "tiny", "--arms", "rmse", "mean",
                         "--seeds", "0", "--rounds", "1", "--study-dir", str(study_dir), "--out", str(tmp_path / "out"),
                         *FAST], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 1 and "Re-run the same command" in r.stderr
     meta = json.loads((tmp_path / "out" / "study.json").read_text())
-    assert list(meta["errors"]) == ["mean-s0"] and "inconsistent" in meta["errors"]["mean-s0"]
+    assert list(meta["errors"]) == [MEAN0] and "inconsistent" in meta["errors"][MEAN0]
     assert "inconsistent" in json.loads((broken / "study_error.json").read_text())["error"]
-    assert markers(study_dir / "rmse-s0") == rmse_before  # the healthy run was left alone
+    assert markers(study_dir / RMSE0) == rmse_before  # the healthy run was left alone
     with open(tmp_path / "out" / "runs.csv") as f:
         assert {row["arm"] for row in csv.DictReader(f)} == {"rmse"}
 
 
 def test_report_refuses_runs_made_with_another_config(tmp_path):
-    run = tmp_path / "rmse-s0"
+    run = tmp_path / RMSE0
     run.mkdir()
     C.save_config(study.arm_config("rmse", 0, "quick", "tiny"), run / "config.yaml")
     study.check_run_configs(tmp_path, ["rmse"], [0], "quick", "tiny")  # the same settings: fine
@@ -212,3 +223,37 @@ def test_pipeline_table_shows_flagged_doses(tmp_path):
     meta = {"scale": "quick", "preset": "default", "rounds": 2, "seeds": [0, 1], "command": "x", "arms": ["rmse"]}
     md = study.results_markdown([], {"prompt_id": "p", "seed": 0, "arms": {}}, meta, [summary])
     assert "| rmse | 1 | 0.028 [0.005, 0.050] **s0: below_target;at_lower_bound** |" in md
+
+
+def test_the_study_is_a_sweep_whose_configs_are_the_arms():
+    from steerheal_utils.tools import sweep
+
+    spec = study.study_spec(["rmse", "nll"], [0, 1], 2, scale="quick", preset="tiny", extra={"dose": 0.1})
+    runs = sweep.expand(spec)
+    assert sorted(r.name for r in runs) == ["arm=nll,seed=0", "arm=nll,seed=1", "arm=rmse,seed=0", "arm=rmse,seed=1"]
+    for r in runs:
+        arm, seed = r.labels["arm"], int(r.labels["seed"])
+        assert r.name == study.run_name(arm, seed)
+        assert r.cfg.to_dict() == study.arm_config(arm, seed, "quick", "tiny", {"dose": 0.1}).to_dict()
+    with pytest.raises(study.StudyError, match="sets these per arm"):
+        study.study_spec(["rmse"], [0], 1, extra={"seed": 3})
+
+
+def test_an_old_study_folder_is_renamed_to_its_sweep_name(tmp_path):
+    (tmp_path / "rmse-s0" / "round_00").mkdir(parents=True)
+    (tmp_path / "mean-s0").mkdir()
+    (tmp_path / MEAN0).mkdir()  # both exist: left alone
+    study.adopt_old_names(tmp_path, ["rmse", "mean"], [0], log=lambda m: None)
+    assert (tmp_path / RMSE0 / "round_00").is_dir() and not (tmp_path / "rmse-s0").exists()
+    assert (tmp_path / "mean-s0").is_dir()
+
+
+@pytest.mark.slow  # reuses the tiny study: `sweep status` reads its four runs
+def test_sweep_status_reads_the_study(tiny_study):
+    r = subprocess.run([sys.executable, "-m", "steerheal_utils", "sweep", "status", str(tiny_study / "study")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "4 runs: 4 done"
+    rec = json.loads((tiny_study / "study" / "sweep.json").read_text())
+    assert {j["engine"] for j in rec["jobs"].values()} == {"slurm(local)"}
+    assert rec["spec"]["grid"]["seed"] == [0, 1] and rec["spec"]["rounds"] == 1

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from ..batching import left_pad
+from ..models import model_device
 
 MODEL_SCORE_KEYS: tuple[str, ...] = (
     "n_completion_tokens",
@@ -118,7 +119,7 @@ def model_scores(
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     # Length-sorted batches waste less compute on padding; results go back by index.
     todo.sort(key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))

@@ -17,6 +17,7 @@ from ..progress import tqdm  # a plain final line, not a frozen widget, in the j
 
 from ..batching import eos_ids, left_pad, length_sorted_batches
 from ..chat import prompt_ids, render_prompt
+from ..devices import is_dispatched
 from ..models import model_device
 from ..vector.steering import steer, steering_slots
 from ..vector.value import SteeringVector
@@ -135,8 +136,8 @@ def compiled_generation(model: nn.Module, enable: bool = True) -> dict[str, Any]
     here, once, and stay for the model's life, so the compiled graph always contains them
     (a hook added after compiling would be silently ignored) and never recompiles across doses.
     """
-    if not enable or model_device(model).type not in COMPILE_DEVICES:
-        return {}
+    if not enable or model_device(model).type not in COMPILE_DEVICES or is_dispatched(model):
+        return {}  # a model spread over devices (accelerate's hooks) is not compiled: not measured
     if not getattr(model, "_steerheal_slots", None):
         cm = steering_slots(model)
         cm.__enter__()  # deliberately never exited: the slots live as long as the compiled graph

@@ -45,6 +45,7 @@ def head_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     head = causal.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head_logits expects an nn.Linear output head, got {type(head).__name__}")
+    h = h.to(head.weight.device)  # a no-op unless the model is spread over devices (devices.py)
     with torch.autocast(h.device.type, enabled=False):
         bias = head.bias.float() if head.bias is not None else None
         logits = torch.nn.functional.linear(h.float(), head.weight.float(), bias)
@@ -55,12 +56,13 @@ def head_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B, S, d]`` last hidden states (after the final norm) of the causal LM's decoder."""
+    """``[B, S, d]`` last hidden states (after the final norm) of the causal LM's decoder, on the device
+    of the batch (the decoder of a model spread over devices ends on its last block's device)."""
     causal = causal_lm(model)
     decoder = getattr(causal, "model", None) or causal.get_decoder()
     out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"], use_cache=False)
-    return out[0]
+    return out[0].to(batch["input_ids"].device)
 
 
 def autocast(model: nn.Module):
@@ -72,7 +74,7 @@ def autocast(model: nn.Module):
 
 def _chunk_nll_kl(h_s, h_r, tgt, model, direction):
     logp_s = torch.log_softmax(head_logits(model, h_s), -1)
-    nll = -logp_s.gather(-1, tgt[:, None]).squeeze(-1)
+    nll = -logp_s.gather(-1, tgt[:, None].to(logp_s.device)).squeeze(-1)
     if h_r is None:
         return nll, None
     with torch.no_grad():
@@ -113,9 +115,9 @@ def completion_terms(model: nn.Module, batch: dict, *, ref: str | None, new: str
         nlls.append(nll)
         kls.append(kl)
     nll_full = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    nll_full = nll_full.masked_scatter(mask, torch.cat(nlls)) if nlls else nll_full
+    nll_full = nll_full.masked_scatter(mask, torch.cat(nlls).to(mask.device)) if nlls else nll_full
     kl_full = None
     if h_r is not None:
         kl_full = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        kl_full = kl_full.masked_scatter(mask, torch.cat(kls)) if kls else kl_full
+        kl_full = kl_full.masked_scatter(mask, torch.cat(kls).to(mask.device)) if kls else kl_full
     return nll_full, kl_full

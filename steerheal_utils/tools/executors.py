@@ -20,7 +20,8 @@ Engines, each imported only when chosen (the local one needs neither package):
     under submitit's own controller, no Slurm), which is what the tests use.
 
 Ray is not an engine here: a local Ray cluster took 4-5 s to start on a quiet 2-core box and
-10-39 s with the cores busy (``scripts/ray_startup.py``); see the README. Adding an engine means
+10-39 s with the cores busy (``scripts/ray_startup.py``, ``docs/bench/ray_startup.json``); see the
+README, "Scaling out". Adding an engine means
 subclassing :class:`Executor` with ``submit``, ``poll`` and ``cancel``.
 
 Processes: each job's command starts in its own session, so stopping a job (a cancelled sweep, a

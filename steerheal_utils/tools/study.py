@@ -20,8 +20,10 @@ and the steered model do not involve the arm's adapter either: 05_eval saves eac
 with a fingerprint of its inputs (``evaluate.stage_fingerprint``), the study copies those of the
 first arm, and the other arms' 05_eval reads them back because the fingerprints match.
 
-Parallel: each run is an ordinary ``steerheal run`` process; ``--jobs`` of them run at once
-(default one per core), each on one torch thread (``threads=1`` in every run's config, whatever
+Parallel: the study is one sweep (:mod:`.sweep`, runs named ``arm=<arm>,seed=<seed>``) run
+through an executor (``--backend local``: ``--jobs`` processes on this machine, default one per
+core; ``--backend slurm``: one Slurm job per run through submitit). Each run is an ordinary
+``steerheal run`` process, each on one torch thread (``threads=1`` in every run's config, whatever
 ``--jobs`` is, so results do not depend on it). On 2 cores this gains less than one might hope:
 prefill and training split well over threads anyway and decoding is bound by memory bandwidth,
 so what overlaps is mostly the per-stage overhead (kernel start, imports, model load, Python-side
@@ -52,9 +54,9 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -99,7 +101,10 @@ class StudyError(C.ConfigError):
 
 # ------------------------------------------------------------------ configs
 def run_name(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
+    """The run folder of one arm and seed: its sweep name, e.g. ``arm=rmse,seed=0``."""
+    from .sweep import run_name as sweep_name
+
+    return sweep_name({"arm": arm, "seed": str(int(seed))})
 
 
 def arm_overrides(arm: str, seed: int, scale: str = "full", extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -218,96 +223,98 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
     return copied
 
 
+def study_spec(arms: Sequence[str], seeds: Sequence[int], rounds: int, *, scale: str = "full",
+               preset: str = "default", extra: dict[str, Any] | None = None):
+    """The study as a sweep spec (:class:`.sweep.Spec`): a named axis ``arm`` (label -> its one
+    override) times the config axis ``seed``, every run with the scale's reduction, ``COMMON`` and
+    ``extra``. Its configs are exactly :func:`arm_config`'s.
+
+    Example:
+        >>> study_spec(["rmse", "nll"], [0, 1], 2, preset="tiny").grid
+        {'arm': {'rmse': {'kl_agg': 'rmse'}, 'nll': {'reg': 'nll'}}, 'seed': [0, 1]}
+    """
+    from .sweep import Spec
+
+    for arm in arms:
+        arm_overrides(arm, 0, scale, extra)  # one-line errors for an unknown arm / scale / a clashing --set
+    return Spec(preset=preset, rounds=rounds, common={**SCALES[scale], **COMMON, **(extra or {})},
+                grid={"arm": {a: dict(ARMS[a]) for a in arms}, "seed": [int(s) for s in seeds]})
+
+
+def adopt_old_names(study_dir: Path, arms: Sequence[str], seeds: Sequence[int], log=print) -> None:
+    """Rename run folders of a study made before it was a sweep (``rmse-s0``) to their sweep names
+    (``arm=rmse,seed=0``), so that an old study resumes instead of starting again."""
+    for arm in arms:
+        for seed in seeds:
+            old, new = study_dir / f"{arm}-s{seed}", study_dir / run_name(arm, seed)
+            if old.is_dir() and not new.exists():
+                os.replace(old, new)
+                log(f"study: renamed {old.name} to {new.name} (the study's runs are now named like a sweep's)")
+
+
 def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], rounds: int, *,
               scale: str = "full", preset: str = "default", extra: dict[str, Any] | None = None,
-              jobs: int = 1, log=print) -> dict[str, str]:
-    """Run (or resume) every arm x seed; returns ``{run name: error message}`` for runs that failed.
+              executor=None, retries: int = 1, log=print) -> dict[str, str]:
+    """Run (or resume) every arm x seed as one sweep (:mod:`.sweep`) through ``executor``; returns
+    ``{run name: error message}`` for runs that failed.
 
-    Each run is an ordinary ``steerheal run`` in its own process (log: ``<study_dir>/logs/``), at
-    most ``jobs`` at once. Per seed, the first arm's round 0 runs first; its 01-03 files and the
-    evals of its arm-independent models are then copied into the other arms' round_00
-    (:func:`share_round0`, :func:`share_round0_evals`), and every arm runs its ``rounds`` rounds.
-    Tasks start in order: all seeds' round 0 first, then the arms seed by seed (so a partial
-    study already compares arms). A failed run is recorded and the others go on; re-running
-    the command retries it.
+    ``executor`` is an :class:`.executors.Executor` (default: ``LocalExecutor`` with one job per CPU
+    core): local processes, or Slurm jobs through submitit. Two passes of the same sweep: first
+    each seed's first arm runs round 0 only; then its 01-03 files and the evals of its
+    arm-independent models are copied into the other arms' round_00 (:func:`share_round0`,
+    :func:`share_round0_evals`) and every run goes to ``rounds`` rounds. A failed job is started
+    again up to ``retries`` times (it resumes); a run that still fails is recorded
+    (``study_error.json``) and the others go on; re-running the command retries it.
+    ``steerheal sweep status <study_dir>`` shows where each run stands.
     """
-    from ..driver import init_run, kernel_name
+    from . import sweep as S
+    from .executors import LocalExecutor
 
     study_dir = Path(study_dir)
-    cfgs = {(arm, seed): arm_config(arm, seed, scale, preset, extra) for seed in seeds for arm in arms}
+    executor = executor or LocalExecutor(os.cpu_count() or 1)
+    spec = study_spec(arms, seeds, rounds, scale=scale, preset=preset, extra=extra)
+    runs = S.expand(spec)
     for seed in seeds:
-        check_shareable([cfgs[arm, seed] for arm in arms])
-    for (arm, seed), cfg in cfgs.items():
-        init_run(study_dir / run_name(arm, seed), cfg)  # refuses a folder started with another config
-    kernel_name()  # create the kernelspec once, before processes race to
-    (study_dir / "logs").mkdir(parents=True, exist_ok=True)
-
-    # (task name, run, rounds, dependency, what to do before starting)
-    tasks: list[tuple[str, str, int, str | None, Any]] = []
-    for seed in seeds:
-        tasks.append((f"{run_name(arms[0], seed)}:round0", run_name(arms[0], seed), 1, None, None))
-    for seed in seeds:
-        first = study_dir / run_name(arms[0], seed)
-        for arm in arms:
-            run = study_dir / run_name(arm, seed)
-            prep = None if arm == arms[0] else (lambda src=first, dst=run: _share(src, dst, log))
-            tasks.append((run.name, run.name, rounds, f"{first.name}:round0", prep))
+        check_shareable([r.cfg for r in runs if r.cfg.seed == seed])
+    adopt_old_names(study_dir, arms, seeds, log)
+    S.init_runs(study_dir, spec, runs)  # refuses a folder started with another config, before anything runs
 
     errors: dict[str, str] = {}
-    done: set[str] = set()
-    running: dict[str, tuple[Any, Any, str]] = {}
-    pending = list(tasks)
-    try:
-        while pending or running:
-            for task in list(pending):
-                name, run, n, dep, prep = task
-                if dep is not None and dep in errors:
-                    pending.remove(task)
-                    errors.setdefault(run, errors[dep])
+
+    def failed(name: str, msg: str) -> None:
+        errors[name] = msg
+        _record_error(study_dir / name, msg)
+        log(f"study: FAILED {msg}")
+
+    def collect(outcomes) -> None:
+        for name, o in outcomes.items():
+            if o.ok:
+                (study_dir / name / "study_error.json").unlink(missing_ok=True)
+            else:
+                failed(name, f"{name} {o.state}: {o.detail} after {o.attempts} attempt(s); last lines of {o.log}:\n"
+                             + _tail(o.log))
+
+    firsts = {seed: run_name(arms[0], seed) for seed in seeds}
+    collect(S.run_sweep(study_dir, replace(spec, rounds=1), executor, retries=retries, say=log,
+                        only=set(firsts.values())))
+    go = set()
+    for seed in seeds:
+        first = firsts[seed]
+        for arm in arms:
+            name = run_name(arm, seed)
+            if first in errors:
+                if name != first:
+                    failed(name, f"{name}: not run, round 0 of {first} (shared with it) failed")
+                continue
+            if arm != arms[0]:
+                try:
+                    _share(study_dir / first, study_dir / name, log)
+                except (StudyError, OSError) as e:  # e.g. an inconsistent round_00: this run only
+                    failed(name, f"{name}: sharing round 0 failed: {e}")
                     continue
-                if len(running) >= max(1, jobs) or (dep is not None and dep not in done):
-                    continue
-                if any(r == run for (_, _, r) in running.values()):
-                    continue  # one process per run folder
-                pending.remove(task)
-                if prep is not None:
-                    try:
-                        prep()
-                    except (StudyError, OSError) as e:  # e.g. an inconsistent round_00: this run only
-                        errors[name] = errors[run] = f"{name}: sharing round 0 failed: {e}"
-                        _record_error(study_dir / run, errors[run])
-                        log(f"study: FAILED {errors[run]}")
-                        continue
-                log_path = study_dir / "logs" / f"{run}.log"
-                fh = open(log_path, "a")
-                cmd = [sys.executable, "-m", "steerheal_utils", "run", "--run-dir", str(study_dir / run),
-                       "--config", str(study_dir / run / "config.yaml"), "--rounds", str(n)]
-                fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(cmd)}\n")
-                fh.flush()
-                log(f"study: start {name} ({n} round{'s' if n > 1 else ''}; log {log_path})")
-                running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh, run)
-            for name, (proc, fh, run) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                fh.close()
-                del running[name]
-                if proc.returncode == 0:
-                    done.add(name)
-                    (study_dir / run / "study_error.json").unlink(missing_ok=True)
-                    log(f"study: done {name}")
-                else:
-                    msg = f"{name} exited with {proc.returncode}; last lines of {study_dir / 'logs' / (run + '.log')}:\n" \
-                          + _tail(study_dir / "logs" / f"{run}.log")
-                    errors[name] = errors[run] = msg
-                    _record_error(study_dir / run, msg)
-                    log(f"study: FAILED {msg}")
-            time.sleep(0.5)
-    finally:
-        for proc, fh, _ in running.values():  # interrupted: stop the children too (they resume next time)
-            proc.terminate()
-            proc.wait()
-            fh.close()
-    return {k: v for k, v in errors.items() if ":" not in k}
+            go.add(name)
+    collect(S.run_sweep(study_dir, spec, executor, retries=retries, say=log, only=go))
+    return errors
 
 
 def _share(first: Path, run: Path, log) -> None:
@@ -968,8 +975,9 @@ def add_cli(p) -> None:
     p.add_argument("--preset", default="default", choices=list(C.PRESETS), help=argparse.SUPPRESS)  # --preset tiny is for tests
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra config override applied to every arm alike (recorded in study.json)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="runs in parallel, one process (and one torch thread) each; default: one per CPU core")
+    from .sweep import add_engine_args
+
+    add_engine_args(p, local_jobs="one per CPU core")  # --backend local|slurm, --jobs, --retries, Slurm's options
     p.add_argument("--out", default="docs/study", help="where the compact results go (default docs/study)")
     p.add_argument("--report-only", action="store_true", help="only regenerate the outputs from existing run folders")
     p.set_defaults(func=_cli_study)
@@ -986,8 +994,12 @@ def _cli_study(args) -> int:
     t0 = time.time()
     errors = {}
     if not args.report_only:
+        from .sweep import executor_from_args
+
+        executor = executor_from_args(args, Path(args.study_dir), local_jobs=os.cpu_count() or 1)
         errors = run_study(args.study_dir, args.arms, args.seeds, args.rounds, scale=args.scale, preset=args.preset,
-                           extra=extra, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           extra=extra, executor=executor, retries=args.retries,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
     meta = write_outputs(args.study_dir, args.out, args.arms, args.seeds, rounds=args.rounds, scale=args.scale,
                          preset=args.preset, extra=extra, command=command, errors=errors)
     print(json.dumps({"out": str(args.out), "runs": len(meta["runs"]), "compute_seconds_total": meta["compute_seconds_total"],

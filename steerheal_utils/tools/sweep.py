@@ -432,8 +432,10 @@ def format_status(states: Sequence[RunState]) -> str:
 FINISHED = ("done", "stopped")
 
 
-def run_sweep(sweep_dir: Path | str, spec: Spec, executor: Executor, *, retries: int = 1, say=print) -> dict[str, Outcome]:
-    """Expand ``spec``, write each new run's config, and run every run that is not finished.
+def run_sweep(sweep_dir: Path | str, spec: Spec, executor: Executor, *, retries: int = 1, say=print,
+              only: set[str] | None = None) -> dict[str, Outcome]:
+    """Expand ``spec``, write each new run's config, and run every run that is not finished
+    (of the runs named in ``only``, when given: the study runs its sweep in two passes).
 
     Returns ``{name: Outcome}`` for the runs that were started (finished runs are skipped). Each
     run's log is ``logs/<name>.log``; sweep.json records how each job ended.
@@ -445,7 +447,8 @@ def run_sweep(sweep_dir: Path | str, spec: Spec, executor: Executor, *, retries:
         raise SweepError(f"{sweep_dir} is a file, not a sweep folder")
     runs = expand(spec)
     rec = init_runs(sweep_dir, spec, runs)
-    todo = [r for r in runs if run_state(sweep_dir / r.name, spec.rounds).state not in FINISHED]
+    todo = [r for r in runs if (only is None or r.name in only)
+            and run_state(sweep_dir / r.name, spec.rounds).state not in FINISHED]
     say(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "
         f"({executor.name})")
     if not todo:
@@ -474,11 +477,22 @@ def add_cli(p) -> None:
     r.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="an axis of the grid: a config key and its values (repeatable; runs = the product)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run (repeatable)")
-    r.add_argument("--backend", choices=("local", "slurm"), default="local",
+    add_engine_args(r)
+    r.set_defaults(func=_cli_run)
+    s = sub.add_parser("status", help="each run's state, rounds done and step, failures with their log (exit 1 if one failed)")
+    s.add_argument("sweep_dir", metavar="DIR")
+    s.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    s.set_defaults(func=_cli_status)
+
+
+def add_engine_args(p, local_jobs: int | str = 1) -> None:
+    """The options that choose and size the engine (``--backend``, ``--jobs``, ``--retries``, Slurm's);
+    shared by ``sweep run`` and ``study`` (:func:`executor_from_args` reads them)."""
+    p.add_argument("--backend", choices=("local", "slurm"), default="local",
                    help="local: processes on this machine (default); slurm: one Slurm job per run, through submitit")
-    r.add_argument("--jobs", type=int, help="at most N runs at once (local: default 1; slurm: the array's limit, default none)")
-    r.add_argument("--retries", type=int, default=1, help="start a failed job again this many times (it resumes; default 1)")
-    g = r.add_argument_group("slurm (--backend slurm)")
+    p.add_argument("--jobs", type=int, help=f"at most N runs at once (local: default {local_jobs}; slurm: the array's limit, default none)")
+    p.add_argument("--retries", type=int, default=1, help="start a failed job again this many times (it resumes; default 1)")
+    g = p.add_argument_group("slurm (--backend slurm)")
     g.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                    help="local: submitit's local executor instead of Slurm (to try a sweep without a cluster)")
     g.add_argument("--partition", help="Slurm partition")
@@ -492,11 +506,6 @@ def add_cli(p) -> None:
                    help="a shell line run before each job, e.g. 'source .venv/bin/activate' (repeatable)")
     g.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. account=proj, qos=low, constraint=a100 (repeatable)")
-    r.set_defaults(func=_cli_run)
-    s = sub.add_parser("status", help="each run's state, rounds done and step, failures with their log (exit 1 if one failed)")
-    s.add_argument("sweep_dir", metavar="DIR")
-    s.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
-    s.set_defaults(func=_cli_status)
 
 
 def spec_from_args(args) -> Spec:
@@ -519,11 +528,11 @@ def spec_from_args(args) -> Spec:
     return spec
 
 
-def executor_from_args(args, sweep_dir: Path) -> Executor:
+def executor_from_args(args, sweep_dir: Path, local_jobs: int = 1) -> Executor:
     from .executors import LocalExecutor, slurm_executor
 
     if args.backend == "local":
-        return LocalExecutor(args.jobs if args.jobs is not None else 1)
+        return LocalExecutor(args.jobs if args.jobs is not None else local_jobs)
     return slurm_executor(sweep_dir.resolve() / ".submitit" / "%j", cluster=args.cluster, partition=args.partition,
                           gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
                           time_min=args.time, max_running=args.jobs, max_requeue=args.max_requeue,

@@ -76,7 +76,7 @@ def last_token_states(model: nn.Module, tok, prompts: Sequence[list[int]], layer
         for layer in layers:
             h = store[layer].float()
             states[layer].append(h[:, -1].cpu())  # left padding: the assistant tag is last in every row
-            norms[layer].append(h.norm(dim=-1)[m].cpu())
+            norms[layer].append(h.norm(dim=-1)[m.to(h.device)].cpu())  # h is on its block's device
     out = {layer: torch.cat(v) for layer, v in states.items()}
     return out, {layer: float(torch.cat(norms[layer]).median()) for layer in layers}
 

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..devices import block_device
 from ..models import get_layers
 from .value import SteeringVector
 
@@ -37,7 +38,7 @@ def _add_hook(mod: nn.Module, _inp, out):
     need no recompile.
     """
     h = out[0] if isinstance(out, tuple) else out
-    h2 = h + getattr(mod, SLOT_ATTR).to(h.dtype)
+    h2 = h + getattr(mod, SLOT_ATTR).to(h.device, h.dtype)  # a no-op unless the model is spread over devices
     return (h2, *out[1:]) if isinstance(out, tuple) else h2
 
 
@@ -76,7 +77,7 @@ def steering_slots(model: nn.Module, layers: Sequence[int] | None = None) -> Ite
             b = blocks[i]
             if hasattr(b, SLOT_ATTR):
                 continue
-            dev = next(b.parameters()).device
+            dev = block_device(b)
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor: updatable in and out of inference mode
                 setattr(b, SLOT_ATTR, torch.zeros(d, device=dev, dtype=dtype))
             mine.append(i)
@@ -291,7 +292,7 @@ def _steer_fast(blocks: nn.ModuleList, vector: SteeringVector, dose: float, dtyp
     def temp_hook(buf: torch.Tensor):
         def hook(_mod, _inp, out):
             h = out[0] if isinstance(out, tuple) else out
-            h2 = h + buf.to(h.dtype)
+            h2 = h + buf.to(h.device, h.dtype)
             return (h2, *out[1:]) if isinstance(out, tuple) else h2
         return hook
 
@@ -305,7 +306,7 @@ def _steer_fast(blocks: nn.ModuleList, vector: SteeringVector, dose: float, dtyp
                 setattr(b, SLOT_BUSY, True)
                 written.append(b)
             else:
-                buf = _fast_add(vector, layer, dose, next(b.parameters()).device, dtype)
+                buf = _fast_add(vector, layer, dose, block_device(b), dtype)
                 handles.append(b.register_forward_hook(temp_hook(buf)))
         yield
     finally:
