@@ -238,6 +238,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         strict=False, max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
         train_batch_size=4, max_seq_len=256, q1_prompts=4, eval_max_rows=14, heldout_max_new_tokens=8,
         controls=["prompted", "random"], probe_max_items=8, n_controls=2, control_kl_prompts=8,
+        # steering modes (vector.modes): constant; the others' knobs as tests use them
+        steer_mode="constant", backtrack_kl=1.0, backtrack_k=2, backtrack_factor=0.5, backtrack_max=2,
+        cos_gate=0.0, gate_kind="threshold",
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
@@ -262,6 +265,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 05's control band: the KL match over 16 of the 48 dilemmas (a 48-prompt KL pass costs ~40% of
         # one vignette eval here; ~3 passes per control).
         control_kl_prompts=16,
+        # steering modes (vector.modes; README "Steering modes"): constant unless asked. backtrack_kl 1.0:
+        # about 2.6x the mean tag KL (0.38 nats) at the calibrated dose 0.068; k=4 of 48 tokens.
+        steer_mode="constant", backtrack_kl=1.0, backtrack_k=4, backtrack_factor=0.5, backtrack_max=3,
+        cos_gate=0.0, gate_kind="threshold",
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(
@@ -269,6 +276,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_keep=256, gen_budget=768, calib_probes=64, calib_grid=6, epochs=2, lora_r=32,
         lora_alpha=64.0, tau=2.0, batch_size=64, eval_layout="tinymfv", think_tokens=128,
         heldout_max_new_tokens=128, controls_every_round=True, gen_compile=True,
+        # steering modes: untested at this scale; k scaled with the 256-token completions
+        steer_mode="constant", backtrack_kl=2.0, backtrack_k=8, backtrack_factor=0.5, backtrack_max=3,
+        cos_gate=0.0, gate_kind="threshold",
     ),
 }
 
