@@ -79,6 +79,13 @@ class Config:
     dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0, section="generate")
     steer_positions: str = knob("all", "where the vector is added: all = every position, prompt included; generated = the assistant tag (last prompt token) and every token after it", choices=("all", "generated"), section="generate")
     dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0, section="generate")
+    steer_mode: str = knob("constant", "steering mode: constant = the dose as given (dose_halflife composes with every mode); backtrack = while sampling, rewind a row backtrack_k tokens and replay at backtrack_factor x its dose when the per-token KL(steered||unsteered) exceeds backtrack_kl (05's steered condition: constant); cosine_gate = add the vector only where the hidden state's cosine to it is below cos_gate (gate_kind), in 02 and in 05", choices=("constant", "backtrack", "cosine_gate"), section="generate")
+    backtrack_kl: float = knob(2.0, "backtrack: per-token KL(steered||unsteered next-token distribution), nats, above which a row backs off", lo=0.0, section="generate")
+    backtrack_k: int = knob(4, "backtrack: generated tokens a row rewinds when it backs off", lo=1, section="generate")
+    backtrack_factor: float = knob(0.5, "backtrack: the row's dose is multiplied by this on each replay", lo=0.0, hi=1.0, section="generate")
+    backtrack_max: int = knob(3, "backtrack: most backoffs per row (then it samples on at its last dose)", lo=0, section="generate")
+    cos_gate: float = knob(0.0, "cosine_gate: add the vector where cos(hidden state, vector) is below this (gate_kind threshold)", lo=-1.0, hi=1.0, section="generate")
+    gate_kind: str = knob("threshold", "cosine_gate: threshold = add the full dose where cos < cos_gate, nothing elsewhere; scale = dose x clip(1 - cos, 0, 1) everywhere", choices=("threshold", "scale"), section="generate")
     temperature: float = knob(1.0, "sampling temperature", lo=0.0, section="generate")
     top_p: float = knob(0.95, "nucleus sampling mass", lo=0.0, hi=1.0, section="generate")
     top_k: int = knob(64, "top-k sampling; 0 = off", lo=0, section="generate")
@@ -232,6 +239,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         strict=False, max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
         train_batch_size=4, max_seq_len=256, q1_prompts=4, eval_max_rows=14, heldout_max_new_tokens=8,
         controls=["prompted", "random"], probe_max_items=8, n_controls=2, control_kl_prompts=8,
+        # steering modes (vector.modes): constant; the others' knobs as tests use them
+        steer_mode="constant", backtrack_kl=1.0, backtrack_k=2, backtrack_factor=0.5, backtrack_max=2,
+        cos_gate=0.0, gate_kind="threshold",
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
@@ -256,6 +266,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 05's control band: the KL match over 16 of the 48 dilemmas (a 48-prompt KL pass costs ~40% of
         # one vignette eval here; ~3 passes per control).
         control_kl_prompts=16,
+        # steering modes (vector.modes; README "Steering modes"): constant unless asked. backtrack_kl 1.0:
+        # about 2.6x the mean tag KL (0.38 nats) at the calibrated dose 0.068; k=4 of 48 tokens.
+        steer_mode="constant", backtrack_kl=1.0, backtrack_k=4, backtrack_factor=0.5, backtrack_max=3,
+        cos_gate=0.0, gate_kind="threshold",
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(
@@ -263,6 +277,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_keep=256, gen_budget=768, calib_probes=64, calib_grid=6, epochs=2, lora_r=32,
         lora_alpha=64.0, tau=2.0, batch_size=64, eval_layout="tinymfv", think_tokens=128,
         heldout_max_new_tokens=128, controls_every_round=True, gen_compile=True,
+        # steering modes: untested at this scale; k scaled with the 256-token completions
+        steer_mode="constant", backtrack_kl=2.0, backtrack_k=8, backtrack_factor=0.5, backtrack_max=3,
+        cos_gate=0.0, gate_kind="threshold",
     ),
 }
 

@@ -114,7 +114,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
                 Read("eval", "first", "round 0's base: the reference of every delta and its paired CI"),
                 Read("eval_rows", "first", "round 0's base, per vignette (paired bootstrap)")),
          writes=("eval", "eval_rows", "eval_cache"),
-         config=("common", "eval", "dose", "steer_positions", "dose_halflife", "gen_batch_size"), files=("vignettes",)),
+         config=("common", "eval", "dose", "steer_positions", "dose_halflife", "steer_mode", "cos_gate", "gate_kind",
+                 "gen_batch_size"), files=("vignettes",)),
 )}
 
 # Files of the run folder itself (not of a round).

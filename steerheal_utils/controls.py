@@ -76,19 +76,21 @@ def mean_kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
 
 
 def tag_kl(model: nn.Module, tok, prompts: Sequence[list[int]], vector: SteeringVector | None, dose: float, *,
-           ref: torch.Tensor | None = None, positions: str = "all", halflife: int = 0, batch_size: int = 16) -> float:
+           ref: torch.Tensor | None = None, positions: str = "all", halflife: int = 0, batch_size: int = 16,
+           gate: float | None = None, gate_kind: str = "threshold") -> float:
     """Mean next-token KL(steered || unsteered) at the assistant tag over ``prompts``.
 
     Args:
         vector, dose: what :func:`steerheal_utils.vector.steer` adds (``positions`` and
             ``halflife`` as in generation; at the tag the halflife factor is 1).
         ref: the unsteered :func:`tag_logprobs` of the same prompts (computed if None).
+        gate, gate_kind: the cosine gate of the ``cosine_gate`` mode (None = off), as in generation.
 
     Returns NaN when the steered logits are not finite (a dose far too high).
     """
     if ref is None:
         ref = tag_logprobs(model, tok, prompts, batch_size)
-    with steer(model, vector, dose, positions=positions, halflife=halflife):
+    with steer(model, vector, dose, positions=positions, halflife=halflife, gate=gate, gate_kind=gate_kind):
         lp = tag_logprobs(model, tok, prompts, batch_size)
     return mean_kl(lp, ref)
 
@@ -210,15 +212,15 @@ class KLMatcher:
         vector, dose: the persona vector and the round's dose.
         prompts: :func:`kl_prompts`.
         tol, max_ratio: :func:`match_dose`'s ``tol``, and its bound as a multiple of ``dose``.
-        positions, halflife: the steering spec of generation (:func:`steerheal_utils.vector.steer`).
+        positions, halflife, gate, gate_kind: the steering spec of generation (:func:`steerheal_utils.vector.steer`).
     """
 
     def __init__(self, model: nn.Module, tok, vector: SteeringVector, dose: float, prompts: Sequence[list[int]], *,
                  tol: float = 0.1, max_ratio: float = 10.0, positions: str = "all", halflife: int = 0,
-                 batch_size: int = 16):
+                 batch_size: int = 16, gate: float | None = None, gate_kind: str = "threshold"):
         self.model, self.tok, self.vector, self.dose, self.prompts = model, tok, vector, float(dose), prompts
         self.tol, self.max_ratio = tol, max_ratio
-        self.kw = dict(positions=positions, halflife=halflife, batch_size=batch_size)
+        self.kw = dict(positions=positions, halflife=halflife, batch_size=batch_size, gate=gate, gate_kind=gate_kind)
         self._ref: torch.Tensor | None = None
         self._target: float | None = None
         self._ratios: list[float] = []  # matched dose / persona dose of the controls so far

@@ -8,6 +8,7 @@ from .. import controls, models
 from ..adapters import active_adapters, adapter_dirs, bake_adapters, has_adapter
 from ..chat import persona_system
 from ..runfolder import atomic_write_json, atomic_write_jsonl
+from ..vector.modes import spec_kwargs
 from ..vector.steering import Steering, check_vector_matches
 from ..vector.value import SteeringVector
 from .conditions import EVAL_STAGE_DIR, _cached_stage, stage_dose, stage_fingerprint
@@ -91,11 +92,12 @@ def run_stage(ctx, progress: bool = True) -> dict:
                         lambda: controls.KLMatcher(
                             model, tok, sv, dose, controls.kl_prompts(tok, cfg.control_kl_prompts), tol=cfg.control_kl_tol,
                             max_ratio=cfg.control_max_dose_ratio, positions=cfg.steer_positions,
-                            halflife=cfg.dose_halflife, batch_size=cfg.batch_size), band)
+                            halflife=cfg.dose_halflife, batch_size=cfg.batch_size, gate=spec_kwargs(cfg)["gate"],
+                            gate_kind=cfg.gate_kind), band)
                 match = matches[name]
                 this_dose = match["dose"]
             # the vector as 02 applied it: its dose, positions and half-life, in every forward of the eval
-            spec = Steering(vec, this_dose or 0.0, cfg.steer_positions, cfg.dose_halflife) if vec is not None else None
+            spec = Steering(vec, this_dose or 0.0, **spec_kwargs(cfg)) if vec is not None else None
             with active_adapters(model, k):
                 res = evaluate_model(model, tok, rows, system=system, steering=spec, **kw)
             res["summary"]["dose"] = this_dose if vec is not None else 0.0

@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .keepcurve import wilson
+from .modesummary import backoff_figure
 from .step import GenerateResult
 
 
@@ -63,4 +64,7 @@ def figures(result: GenerateResult) -> list:
     fig.update_layout(barmode="stack", height=300, xaxis_title="tokens",
                       title=f"completion length (tokens), dose {summary['dose']:.3g}{src}" + ("" if cal else flag_txt))
     figs.append(fig)
+    bo = backoff_figure(summary, rows)  # the backtrack mode: where rows backed off
+    if bo is not None:
+        figs.append(bo)
     return figs

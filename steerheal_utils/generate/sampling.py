@@ -19,6 +19,8 @@ from ..batching import eos_ids, left_pad, length_sorted_batches
 from ..chat import prompt_ids, render_prompt
 from ..devices import is_dispatched
 from ..models import model_device
+from ..vector.modes import backtrack_kwargs
+from .backtrack import sample_backtrack
 from ..vector.steering import steer, steering_slots
 from ..vector.value import SteeringVector
 from .warp import generate_kwargs
@@ -31,16 +33,22 @@ def permutation(n: int, seed: int) -> list[int]:
 
 def sample_params(cfg) -> dict[str, Any]:
     """The keyword arguments of :func:`sample` that come from the config."""
-    return dict(positions=cfg.steer_positions, halflife=cfg.dose_halflife, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                compile=cfg.gen_compile)
+    params = dict(positions=cfg.steer_positions, halflife=cfg.dose_halflife, temperature=cfg.temperature,
+                  top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                  compile=cfg.gen_compile)
+    if cfg.steer_mode == "cosine_gate":  # only then: the constant mode's calls stay exactly as before
+        params.update(gate=cfg.cos_gate, gate_kind=cfg.gate_kind)
+    if cfg.steer_mode == "backtrack":
+        params["backtrack"] = backtrack_kwargs(cfg)
+    return params
 
 
 def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int]], *,
            sv: SteeringVector | None = None, dose: float = 0.0, positions: str = "all", halflife: int = 0,
            temperature: float = 1.0, top_p: float = 0.95, top_k: int = 64, max_new_tokens: int = 96,
            batch_size: int = 32, seed: int = 0, min_new_tokens: int = 0, compile: bool = False,
-           progress: bool = False) -> list[dict]:
+           progress: bool = False, gate: float | None = None, gate_kind: str = "threshold",
+           backtrack: dict[str, Any] | None = None) -> list[dict]:
     """Sample one completion per prompt, batched, with the vector added at ``dose``.
 
     Args:
@@ -55,6 +63,10 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         min_new_tokens: forces length; for benchmarks only (it suppresses EOS).
         compile: on CUDA, a static KV cache and a compiled decode step (:func:`compiled_generation`);
             ignored elsewhere and for steering settings other than a constant dose at every position.
+        gate, gate_kind: the ``cosine_gate`` steering mode (:mod:`steerheal_utils.vector.modes`); None = off.
+        backtrack: the ``backtrack`` mode's knobs (:func:`steerheal_utils.vector.modes.backtrack_kwargs`):
+            sampled by :func:`steerheal_utils.generate.backtrack.sample_backtrack` instead (its rows add
+            the backoff records).
 
     Returns:
         One dict per prompt, in input order: ``prompt_index``, ``prompt_text`` (the rendered
@@ -65,6 +77,10 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
     Example:
         >>> rows = sample(model, tok, ["Your boss says ... Do you?"], sv=sv, dose=0.05)  # doctest: +SKIP
     """
+    if backtrack is not None:
+        return sample_backtrack(model, tok, prompts, sv=sv, dose=dose, positions=positions, halflife=halflife,
+                                temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, seed=seed, progress=progress, **backtrack)
     if not prompts:
         return []
     if not math.isfinite(dose):
@@ -80,7 +96,8 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
     gen_kw.update(generate_kwargs(temperature, top_k, top_p))
     if min_new_tokens:
         gen_kw["min_new_tokens"] = min_new_tokens
-    static = compiled_generation(model, enable=compile and (sv is None or dose == 0 or (positions == "all" and halflife == 0)))
+    static = compiled_generation(model, enable=compile and (sv is None or dose == 0 or (positions == "all" and halflife == 0
+                                                                                     and gate is None)))
     if static:
         gen_kw.update(static)
     out: list[dict | None] = [None] * len(seqs)
@@ -99,7 +116,8 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
             torch.manual_seed(seed + b)
             # One steer() per batch: its position counter starts at this batch's padded prompt.
-            with steer(model, sv, dose, positions=positions, halflife=halflife, prompt_len=ids.shape[1]):
+            with steer(model, sv, dose, positions=positions, halflife=halflife, prompt_len=ids.shape[1], gate=gate,
+                       gate_kind=gate_kind):
                 gen = model.generate(input_ids=ids, attention_mask=mask, **gen_kw)
         new = gen[:, ids.shape[1]:]
         is_eos = torch.isin(new, eos_t)

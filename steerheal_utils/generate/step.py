@@ -24,12 +24,13 @@ from ..runfolder import RunFolderError, atomic_write_json, atomic_write_jsonl, r
 from ..vector.steering import check_vector_matches
 from ..vector.value import SteeringVector
 from ..progress import search_note
+from .modesummary import BACKOFF_KEYS, mode_summary
 from .dose import BASELINE_REPS, Judge, calibrate_dose, collect, dose_checks, dose_warning
 from .sampling import permutation, sample, sample_params
 
 # A completions.jsonl row as 02 writes it; 03 adds every filter score, "reason" and "keep".
 ROW_KEYS = ("id", "round", "prompt_id", "prompt", "prompt_text", "completion", "completion_ids", "dose",
-            "seed", "n_tokens", "truncated", "positions", "halflife")
+            "seed", "n_tokens", "truncated", "positions", "halflife", *BACKOFF_KEYS)
 
 
 def filter_judge(ctx, base: nn.Module, tok) -> Judge:
@@ -145,6 +146,7 @@ def run_stage(ctx) -> GenerateResult:
                     "sampling": round(gen_s, 2), "scoring": round(t_all - gen_s, 2)},
         "tokens": dict(n_tok), "tokens_per_s": round(sum(n_tok.values()) / max(gen_s, 1e-9), 1),
     }
+    summary.update(mode_summary(cfg, rows))  # nothing in the constant mode
     summary["dose_warning"] = dose_warning(summary)
     atomic_write_json(ctx.artifact("generate_summary"), summary)
     return GenerateResult(summary, done, sv)

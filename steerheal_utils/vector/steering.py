@@ -18,6 +18,7 @@ from torch import nn
 
 from ..devices import block_device
 from ..models import get_layers
+from .modes import GATE_KINDS, gate_factor
 from .value import SteeringVector
 
 SLOT_ATTR = "_steerheal_add"  # the per-block add buffer of steering_slots()
@@ -109,6 +110,8 @@ class Steering:
 
     (no decay when ``halflife == 0``), in units of each layer's median residual norm. This is
     what generation (02) applies, and what the eval (05) applies to every forward it runs.
+    With ``gate`` set (the ``cosine_gate`` mode, :mod:`.modes`) that multiplier is further scaled,
+    per row and position, by :func:`.modes.gate_factor` of the block's output.
 
     Example:
         >>> spec = Steering(None, 0.0)
@@ -122,6 +125,8 @@ class Steering:
     dose: float = 0.0
     positions: str = "all"
     halflife: int = 0
+    gate: float | None = None
+    gate_kind: str = "threshold"
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -130,6 +135,8 @@ class Steering:
             raise ValueError(f"dose must be finite, got {self.dose}")
         if self.halflife < 0:
             raise ValueError(f"halflife must be >= 0 (0 = constant dose), got {self.halflife}")
+        if self.gate_kind not in GATE_KINDS:
+            raise ValueError(f"gate_kind must be one of {GATE_KINDS}, got {self.gate_kind!r}")
 
     @property
     def is_noop(self) -> bool:
@@ -139,7 +146,7 @@ class Steering:
     @property
     def is_constant(self) -> bool:
         """The same dose at every position: the fast path (one buffer per layer, compile-friendly)."""
-        return self.positions == "all" and self.halflife == 0
+        return self.positions == "all" and self.halflife == 0 and self.gate is None
 
     def scale(self, gen_pos: torch.Tensor) -> torch.Tensor:
         """float32 multipliers of the unit-dose vector at positions ``gen_pos`` (relative to the tag)."""
@@ -164,8 +171,9 @@ def _check_layers(blocks: nn.ModuleList, vector: SteeringVector) -> None:
 
 
 @contextlib.contextmanager
-def _position_hooks(blocks: nn.ModuleList, spec: Steering, gen_pos_of) -> Iterator[None]:
-    """Hooks adding ``spec.scale(g) * v_L`` where ``g = gen_pos_of(layer, seq_len, device)``; removed on exit."""
+def _position_hooks(blocks: nn.ModuleList, spec: Steering, gen_pos_of, row_scale_of=None) -> Iterator[None]:
+    """Hooks adding ``spec.scale(g) * v_L`` where ``g = gen_pos_of(layer, seq_len, device)``, times
+    ``row_scale_of()`` per row when given and the cosine gate when set; removed on exit."""
     handles = []
 
     def make(layer: int):
@@ -173,7 +181,13 @@ def _position_hooks(blocks: nn.ModuleList, spec: Steering, gen_pos_of) -> Iterat
             h = out[0] if isinstance(out, tuple) else out
             g = gen_pos_of(layer, h.shape[1], h.device)
             add = spec.vector.added(layer, 1.0).to(h.device, h.dtype)
-            h2 = _add_scaled(h, add, spec.scale(g))
+            scale = spec.scale(g)
+            rows = row_scale_of() if row_scale_of is not None else None
+            if rows is not None:
+                scale = (scale if scale.ndim == 2 else scale[None]) * rows.to(scale.device, scale.dtype)[:, None]
+            if spec.gate is not None:
+                scale = scale * gate_factor(h, spec.vector.directions[layer], spec.gate, spec.gate_kind)
+            h2 = _add_scaled(h, add, scale)
             return (h2, *out[1:]) if isinstance(out, tuple) else h2
         return hook
 
@@ -188,7 +202,8 @@ def _position_hooks(blocks: nn.ModuleList, spec: Steering, gen_pos_of) -> Iterat
 
 @contextlib.contextmanager
 def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, positions: str = "all",
-          halflife: int = 0, prompt_len: int | None = None) -> Iterator[None]:
+          halflife: int = 0, prompt_len: int | None = None, gate: float | None = None,
+          gate_kind: str = "threshold") -> Iterator[None]:
     """Add ``dose`` times the vector to the output of each of its layers, inside the block.
 
     Args:
@@ -199,6 +214,7 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
             assistant tag on (the last prompt position, where the vector was read, and every
             generated token).
         halflife: generated tokens over which the dose halves (0 = constant); see :class:`Steering`.
+        gate, gate_kind: the cosine gate (:mod:`.modes`); ``None`` = off.
         prompt_len: length of the (padded) prompt. Defaults to the length of the first forward
             call, which is the prompt when used around ``generate`` with a KV cache. Positions
             are counted across calls (one KV-cached decoding run), so the tag is column
@@ -211,7 +227,7 @@ def steer(model: nn.Module, vector: SteeringVector | None, dose: float, *, posit
     all and only writes the buffers. The other settings count positions in Python (eager only).
     The hooks are removed on exit, also when the body raises.
     """
-    spec = Steering(vector, dose, positions, halflife)
+    spec = Steering(vector, dose, positions, halflife, gate, gate_kind)
     if spec.is_noop:
         yield
         return
@@ -240,7 +256,7 @@ class PositionsNotSet(RuntimeError):
 
 
 @contextlib.contextmanager
-def steering(model: nn.Module, spec: Steering | None) -> Iterator:
+def steering(model: nn.Module, spec: Steering | None, *, per_row: bool = False) -> Iterator:
     """Apply ``spec`` to every forward inside the block, with positions given per forward.
 
     Yields ``at``: call ``at(gen_pos)`` before each forward, with the position of each of that
@@ -255,21 +271,25 @@ def steering(model: nn.Module, spec: Steering | None) -> Iterator:
     :class:`PositionsNotSet` instead of steering the wrong tokens. Hooks are removed on exit,
     also when the body raises.
 
+    ``per_row=True`` always takes the hook path and ``at(gen_pos, row_scale)`` also takes one
+    multiplier per row (``[rows]``, default 1) applied on top of the spec: rows of one batch
+    steered at different doses (backtracking, :mod:`steerheal_utils.generate.backtrack`).
+
     Example:
         >>> with steering(model, Steering(sv, 0.1, "generated", 32)) as at:   # doctest: +SKIP
         ...     at(torch.arange(ids.shape[1]) - tag)
         ...     logits = model(input_ids=ids).logits
     """
-    if spec is None or spec.is_noop or spec.is_constant:
+    if spec is None or spec.is_noop or (spec.is_constant and not per_row):
         with steer(model, spec.vector if spec else None, spec.dose if spec else 0.0):
-            yield lambda gen_pos: None
+            yield lambda gen_pos, row_scale=None: None
         return
     blocks = get_layers(model)
     _check_layers(blocks, spec.vector)
-    state: dict = {"g": None, "used": set()}
+    state: dict = {"g": None, "used": set(), "rows": None}
 
-    def at(gen_pos: torch.Tensor) -> None:
-        state["g"], state["used"] = torch.as_tensor(gen_pos), set()
+    def at(gen_pos: torch.Tensor, row_scale: torch.Tensor | None = None) -> None:
+        state["g"], state["used"], state["rows"] = torch.as_tensor(gen_pos), set(), row_scale
 
     def gen_pos_of(layer: int, seq: int, device) -> torch.Tensor:
         g = state["g"]
@@ -279,7 +299,7 @@ def steering(model: nn.Module, spec: Steering | None) -> Iterator:
         state["used"].add(layer)
         return g.to(device)
 
-    with _position_hooks(blocks, spec, gen_pos_of):
+    with _position_hooks(blocks, spec, gen_pos_of, lambda: state["rows"]):
         yield at
 
 
