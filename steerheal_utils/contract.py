@@ -114,7 +114,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
                 Read("eval", "first", "round 0's base: the reference of every delta and its paired CI"),
                 Read("eval_rows", "first", "round 0's base, per vignette (paired bootstrap)")),
          writes=("eval", "eval_rows", "eval_cache"),
-         config=("common", "eval", "dose", "steer_positions", "dose_halflife", "gen_batch_size"), files=("vignettes",)),
+         config=("common", "eval", "dose", "steer_positions", "dose_halflife", "gen_batch_size"), files=("vignettes", "axis_probe")),
 )}
 
 # Files of the run folder itself (not of a round).
