@@ -128,6 +128,9 @@ def test_a_custom_axis_reaches_eval_json_metrics_csv_and_the_report(tmp_path):
     page = report.write_report(run).read_text()
     assert "Axis: <b>kindness</b>" in page and "kindness map: Care vs Liberty" in page
     assert any("axis kindness: axis_logodds = log p(kind) - log p(cold)" in line for line in report.headline_lines(run))
+    steer = {r["stage"]: r for r in axis.steerability(run)}
+    assert set(steer) == {"base", "prompted", "random", "steered"} and steer["random"]["interval"] == "band_min_max"
+    assert steer["steered"]["axis_logodds_band_rank"] == out["control_band"]["position"]["axis_logodds"]["rank"]
 
 
 def test_the_default_axis_keeps_metrics_csv_columns():
