@@ -16,7 +16,7 @@ from . import config as C
 
 
 def run_config(preset: str | None, config: str | None, sets: list[str], run_dir: str | None = None) -> C.Config:
-    """The config ``run`` uses: the preset, then a saved config file's keys (if given), then ``--set``.
+    """The config ``run`` uses: the preset, then the keys a config file sets (if given), then ``--set``.
 
     With none of ``--preset``, ``--config``, ``--set`` and an existing run folder, the folder's own
     config (the one its next step runs with): re-running a run's folder resumes it as it was made.
@@ -32,8 +32,11 @@ def run_config(preset: str | None, config: str | None, sets: list[str], run_dir:
             if cfg is not None:
                 return cfg
     overrides = C.parse_overrides(sets)
-    if config:
-        overrides = {**C.load_config(config).to_dict(), **overrides}
+    if config:  # only the keys the file sets: a short file (configs/love.yaml) keeps the preset's other values
+        import yaml
+
+        given = C.load_config(config).to_dict()  # validated, paths resolved
+        overrides = {**{k: given[k] for k in yaml.safe_load(Path(config).read_text()) if k in given}, **overrides}
     return C.resolve(preset or "default", overrides)
 
 

@@ -174,6 +174,11 @@ class Config:
     coh_floor: float = knob(0.0, "stop the loop after a healed round whose coherence is below this", lo=0.0, hi=1.0, section="eval")
     heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1, section="eval")
     probe_max_items: int = knob(0, "on-axis probe items used (the first N); 0 = all", lo=0, section="eval")
+    # the trait axis the eval reads (steerheal_utils/axis.py): its labels, probe file and map
+    axis_name: str = knob("care-vs-authority", "name of the trait axis the persona pair spans (labels the report and metrics.csv)", section="eval")
+    axis_labels: list[str] = knob(["care", "authority"], "[pos side, neg side] labels of the axis probe's two options", section="eval")
+    axis_probe: str = knob("", "axis probe JSONL (id, situation, pos_option, neg_option; or the shipped care_option, authority_option); empty = the shipped care-vs-authority probe; a bare name = a file in steerheal_utils/data/ (love_probe.jsonl)", section="eval")
+    axis_map: list[str] = knob(["Authority", "Care"], "[x, y] foundations of the report's map; their *_nats join axis_logodds and coherence in the headline (deltas, control band)", section="eval")
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
@@ -397,13 +402,15 @@ def validate(values: dict[str, Any]) -> Config:
     from .devices import check_device_map
 
     check_device_map(cfg.device_map)
+    if len(cfg.axis_labels) != 2 or len(cfg.axis_map) != 2:
+        raise ConfigError(f"axis_labels and axis_map take two values each [pos, neg] / [x, y], got {cfg.axis_labels!r}, {cfg.axis_map!r}")
     bad_controls = set(cfg.controls) - {"prompted", "random"}
     if bad_controls:
         raise ConfigError(f"controls: {sorted(bad_controls)} not among prompted, random")
     return cfg
 
 
-PATH_KEYS = ("model", "vignettes")  # values that may name a local file or folder
+PATH_KEYS = ("model", "vignettes", "axis_probe")  # values that may name a local file or folder
 
 
 def resolve_path(key: str, value: str) -> str:
@@ -420,6 +427,8 @@ def resolve_path(key: str, value: str) -> str:
     from .embedded import NAME as EMBEDDED
 
     p = Path(value).expanduser()
+    if key == "axis_probe" and len(p.parts) == 1 and not p.exists():
+        return value  # a file shipped in steerheal_utils/data/ (axis.probe_path)
     if key == "model":
         looks_local = p.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or p.exists()
         if value.startswith("tiny:") or value == EMBEDDED or not looks_local:

@@ -115,7 +115,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
                 Read("eval_rows", "first", "round 0's base, per vignette (paired bootstrap)")),
          writes=("eval", "eval_rows", "eval_cache"),
          config=("common", "eval", "dose", "steer_positions", "dose_halflife", "steer_mode", "cos_gate", "gate_kind",
-                 "gen_batch_size"), files=("vignettes",)),
+                 "gen_batch_size"), files=("vignettes", "axis_probe")),
 )}
 
 # Files of the run folder itself (not of a round).

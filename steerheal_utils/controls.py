@@ -301,7 +301,8 @@ def match_record(match: dict, control: SteeringVector) -> dict:
             "match_reason": match["reason"]}
 
 
-def band_summary(persona: dict, members: dict[str, dict], base: dict | None = None) -> dict:
+def band_summary(persona: dict, members: dict[str, dict], base: dict | None = None,
+                 metrics: Sequence[str] | None = None) -> dict:
     """The control band of one round: its members' doses and KLs, and where the persona falls in it.
 
     Args:
@@ -317,6 +318,8 @@ def band_summary(persona: dict, members: dict[str, dict], base: dict | None = No
     """
     from .stats import HEADLINE, band_position
 
+    metrics = tuple(metrics or HEADLINE)  # the run's axis may name its own (axis.Axis.headline)
+
     names = sorted(members)
     first = members[names[0]] if names else {}
     out: dict = {
@@ -325,13 +328,13 @@ def band_summary(persona: dict, members: dict[str, dict], base: dict | None = No
                      "kl_matched": members[n].get("kl_matched")} for n in names],
         "persona_dose": first.get("persona_dose"), "persona_tag_kl": first.get("persona_tag_kl"),
         "unmatched": [n for n in names if members[n].get("kl_matched") is False],
-        "position": {m: band_position(persona.get(m), [members[n].get(m) for n in names]) for m in HEADLINE},
+        "position": {m: band_position(persona.get(m), [members[n].get(m) for n in names]) for m in metrics},
     }
     if base is not None:
         def d(s, m):
             a, b = s.get(m), base.get(m)
             return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
-        out["delta_position"] = {m: band_position(d(persona, m), [d(members[n], m) for n in names]) for m in HEADLINE}
+        out["delta_position"] = {m: band_position(d(persona, m), [d(members[n], m) for n in names]) for m in metrics}
     return out
 
 

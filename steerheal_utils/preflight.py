@@ -76,8 +76,19 @@ def check_vignettes(cfg: C.Config) -> None:
         raise C.ConfigError(f"vignettes: {e}") from None
 
 
+def check_axis(cfg: C.Config) -> None:
+    """The axis knobs and the probe file they name (ConfigError with the probe's line number)."""
+    from . import axis
+
+    try:
+        axis.check(cfg)
+    except axis.ProbeError as e:
+        raise C.ConfigError(str(e)) from None
+
+
 def check(cfg: C.Config) -> None:
     """Everything that can be checked before a model loads (ConfigError on the first problem)."""
     C.check_files(cfg)
     check_vignettes(cfg)
+    check_axis(cfg)
     check_layers(cfg)

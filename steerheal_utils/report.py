@@ -34,6 +34,7 @@ import json
 import math
 from pathlib import Path
 
+from . import axis as axes_
 from . import contract
 from .markers import rounds_that_hold
 from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
@@ -56,7 +57,26 @@ CI_COLUMNS = ("interval", *[f"{m}_{e}" for m in CI_METRICS for e in ("lo", "hi")
               *[f"delta_{m}{e}" for m in HEADLINE for e in ("", "_lo", "_hi")],
               *[f"{m}_band_{e}" for m in HEADLINE for e in ("z", "rank")],
               "tag_kl", "persona_tag_kl", "kl_matched", "n_controls")
-CSV_COLUMNS = (*COLUMNS, *CI_COLUMNS)  # what metrics.csv holds
+CSV_COLUMNS = (*COLUMNS, *CI_COLUMNS)  # what metrics.csv holds (the default axis; see csv_columns)
+
+
+def run_axis(run_dir: Path | str) -> "axes_.Axis":
+    """The axis a run's last evaluated round measured (:data:`axis.DEFAULT` for a run without one)."""
+    evs = load_evals(run_dir)
+    return axes_.from_eval(evs[-1]) if evs else axes_.DEFAULT
+
+
+def csv_columns(ax: "axes_.Axis" = axes_.DEFAULT) -> tuple[str, ...]:
+    """metrics.csv's columns for a run on axis ``ax``: :data:`CSV_COLUMNS` for the default axis; a
+    custom axis adds ``axis_name``, ``axis_pos``, ``axis_neg`` (what ``axis_logodds`` measures:
+    log p(pos) - log p(neg) on the axis's probe; ``axis_care_rate`` is the pos side's win rate)
+    and the delta and band columns of its map's foundations."""
+    if ax.is_default:
+        return CSV_COLUMNS
+    extra = [m for m in ax.headline if m not in HEADLINE]
+    return (*CSV_COLUMNS, "axis_name", "axis_pos", "axis_neg",
+            *[f"delta_{m}{e}" for m in extra for e in ("", "_lo", "_hi")],
+            *[f"{m}_band_{e}" for m in extra for e in ("z", "rank")])
 COLORS = {"base": "black", "steered": "#d62728", "healed": "#2ca02c", "prompted": "#1f77b4", "random": "#7f7f7f"}
 STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
 ROUND_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
@@ -101,8 +121,8 @@ def _stage_key(stage: str) -> tuple:
     return (STAGE_ORDER.index(fam) if fam in STAGE_ORDER else 99, stage != fam, stage)
 
 
-def _evidence(s: dict) -> dict:
-    """The CI, delta and control-match columns of one stage summary."""
+def _evidence(s: dict, cols: tuple[str, ...] = CSV_COLUMNS) -> dict:
+    """The CI, delta and control-match columns of one stage summary (those among ``cols``)."""
     row: dict = {"interval": "bootstrap" if s.get("ci") else None}
     for m, (lo, hi) in (s.get("ci") or {}).items():
         row[f"{m}_lo"], row[f"{m}_hi"] = lo, hi
@@ -111,14 +131,14 @@ def _evidence(s: dict) -> dict:
     if "kl_matched" in s:
         row["kl_matched"] = int(bool(s["kl_matched"]))
     row["tag_kl"], row["persona_tag_kl"] = s.get("tag_kl"), s.get("persona_tag_kl")
-    return {k: v for k, v in row.items() if k in CI_COLUMNS}
+    return {k: v for k, v in row.items() if k in cols}
 
 
-def _band_row(ev: dict, members: list[dict]) -> dict:
+def _band_row(ev: dict, members: list[dict], headline: tuple[str, ...] = HEADLINE) -> dict:
     """The ``random`` row: the band's mean per metric, ``_lo``/``_hi`` its min/max over controls."""
     band = ev.get("control_band") or {}
     row: dict = {"stage": "random", "interval": "band_min_max", "n_controls": len(members)}
-    ranged = (*CI_METRICS, *[f"delta_{h}" for h in HEADLINE])
+    ranged = (*CI_METRICS, *[f"delta_{h}" for h in dict.fromkeys((*HEADLINE, *headline))])
     for m in (*ranged, "axis_mass", "tag_kl", "dose", "n_rows"):
         vals = [r[m] for r in members if _num(r.get(m))]
         if vals:
@@ -139,16 +159,20 @@ def metric_rows(run_dir: Path | str) -> list[dict]:
     run_dir = Path(run_dir)
     rows = []
     for ev in load_evals(run_dir):
+        ax = axes_.from_eval(ev)
+        cols = csv_columns(ax)
         n_gen, n_kept = _kept_counts(run_dir, ev["round"])
         gen = _generate_record(run_dir, ev["round"])
         stages = ev.get("stages", {})
         common = dict(round=ev["round"], n_generated=n_gen, n_kept=n_kept,
                       vector_cosine_to_round0=ev.get("vector_cosine_to_round0"))
+        if not ax.is_default:
+            common.update(axis_name=ax.name, axis_pos=ax.pos, axis_neg=ax.neg)
         out = []
         for name in sorted(stages, key=_stage_key):
             s = stages[name]
-            row = {c: s.get(c) for c in CSV_COLUMNS}
-            row.update(_evidence(s))
+            row = {c: s.get(c) for c in cols}
+            row.update(_evidence(s, cols))
             row.update(common, stage=name,
                        dose_flag=gen.get("dose_flag") if _family(name) in ("steered", "healed", "random") else None,
                        kl_to_base=s.get("kl_to_base", ev.get("kl_to_base") if name == "healed" else None),
@@ -156,8 +180,8 @@ def metric_rows(run_dir: Path | str) -> list[dict]:
             out.append(row)
         members = [r for r in out if r["stage"].startswith("random_")]
         if members:
-            band = {c: None for c in CSV_COLUMNS}
-            band.update(common, **_band_row(ev, members))
+            band = {c: None for c in cols}
+            band.update(common, **{k: v for k, v in _band_row(ev, members, ax.headline).items() if k in cols})
             out.append(band)
             out.sort(key=lambda r: _stage_key(r["stage"]))
         for r in out:
@@ -173,10 +197,14 @@ def metric_rows(run_dir: Path | str) -> list[dict]:
 def write_metrics(run_dir: Path | str, out_dir: Path | str | None = None) -> Path:
     """Rebuild ``DIR/metrics.csv`` (or ``out_dir/metrics.csv``) from every round's eval.json
     (atomically); return its path."""
+    rows = metric_rows(run_dir)
+    # every round's columns (a run whose axis changed mid-way has both rounds' extras)
+    cols = dict.fromkeys(CSV_COLUMNS)
+    cols.update(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(cols), lineterminator="\n")
     w.writeheader()
-    for row in metric_rows(run_dir):
+    for row in rows:
         w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
     path = contract.run_path(run_dir, "metrics")
     if out_dir is not None:
@@ -217,10 +245,10 @@ def figures(run_dir: Path | str) -> list:
     rows = metric_rows(run_dir)
     rounds = sorted({r["round"] for r in rows}) or [0]
     x_span = [min(rounds) - 0.3, max(rounds) + 0.3]
+    ax = run_axis(run_dir)
 
     # A: on-target scores
-    keys = (("auth_nats", "auth_nats (down = less authority)"), ("care_nats", "care_nats (up = more care)"),
-            ("axis_logodds", "axis probe log-odds care vs authority"))
+    keys = tuple((k, axes_.metric_label(ax, k)) for k in (ax.x_key, ax.y_key, "axis_logodds"))
     a = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in keys])
     for col, (key, _) in enumerate(keys, 1):
         x, y, lo, hi = _interval(rows, "random", key)
@@ -249,7 +277,7 @@ def figures(run_dir: Path | str) -> list:
                           line=dict(width=0), fillcolor="rgba(31,119,180,0.12)", legendgroup="prompted",
                           showlegend=False, hoverinfo="skip", row=1, col=col)
     a.update_xaxes(title_text="round", dtick=1)
-    for col, ylab in enumerate(("auth_nats (nats)", "care_nats (nats)", "log-odds care vs authority"), 1):
+    for col, ylab in enumerate((f"{ax.x_key} (nats)", f"{ax.y_key} (nats)", f"log-odds {ax.pos} vs {ax.neg}"), 1):
         a.update_yaxes(title_text=ylab, row=1, col=col)
     a.update_layout(title="A · on-target score per stage over rounds (bars: 95% bootstrap CI; grey: random-control band)",
                     height=380)
@@ -268,28 +296,29 @@ def figures(run_dir: Path | str) -> list:
     b.update_xaxes(title="round", dtick=1)
     b.update_layout(title="B · log-incoherence: mass off the 7 answer labels", height=360)
 
-    # C: care vs authority map
+    # C: the axis's map (care vs authority by default)
+    xk, yk = ax.x_key, ax.y_key
     c = go.Figure()
-    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
+    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get(yk)) and _num(r.get(xk))]
     if members:
-        c.add_scatter(x=[r["auth_nats"] for r in members], y=[r["care_nats"] for r in members], mode="markers",
+        c.add_scatter(x=[r[xk] for r in members], y=[r[yk] for r in members], mode="markers",
                       name="random controls", marker=dict(color=COLORS["random"], size=5, opacity=0.6),
                       text=[f"{r['stage']} r{r['round']}" for r in members], hoverinfo="text+x+y")
     for stage in STAGE_ORDER:
-        pts = [r for r in rows if r["stage"] == stage and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
+        pts = [r for r in rows if r["stage"] == stage and _num(r.get(yk)) and _num(r.get(xk))]
         if pts:
-            ax_, ay_ = [r["auth_nats"] for r in pts], [r["care_nats"] for r in pts]
+            ax_, ay_ = [r[xk] for r in pts], [r[yk] for r in pts]
             err = stage != "random"  # the band row's _lo/_hi are its min/max, drawn by the member points
             c.add_scatter(x=ax_, y=ay_, name="random band mean" if stage == "random" else stage,
                           mode="lines+markers+text" if stage in ("steered", "healed") else "markers+text",
                           text=[f"r{r['round']}" for r in pts], textposition="top center",
-                          error_x=_error_y(*_interval(pts, stage, "auth_nats")[1:]) if err else None,
-                          error_y=_error_y(*_interval(pts, stage, "care_nats")[1:]) if err else None,
+                          error_x=_error_y(*_interval(pts, stage, xk)[1:]) if err else None,
+                          error_y=_error_y(*_interval(pts, stage, yk)[1:]) if err else None,
                           line=dict(color=COLORS[stage]),
                           marker=dict(color=COLORS[stage], size=13 if stage == "base" else 8,
                                       symbol="star" if stage == "base" else "circle"))
-    c.update_layout(title="C · care vs authority (goal: up and to the left)", height=420,
-                    xaxis_title="auth_nats = ln profile[Authority]", yaxis_title="care_nats = ln profile[Care]")
+    x_title, y_title = axes_.map_axis_titles(ax)
+    c.update_layout(title=f"C · {axes_.map_title(ax)}", height=420, xaxis_title=x_title, yaxis_title=y_title)
 
     # D: drift
     d = make_subplots(rows=1, cols=2, subplot_titles=("cosine of round r's vector to round 0's",
@@ -337,8 +366,8 @@ def heldout_html(run_dir: Path | str, max_chars: int = 400) -> str:
 
 
 # ------------------------------------------------------------------ the report
-def _metrics_html(rows: list[dict]) -> str:
-    cols = ("round", "stage", "auth_nats", "care_nats", "coherence", "axis_logodds", "agreement", "kl_to_base", "dose",
+def _metrics_html(rows: list[dict], ax: "axes_.Axis" = axes_.DEFAULT) -> str:
+    cols = ("round", "stage", ax.x_key, ax.y_key, "coherence", "axis_logodds", "agreement", "kl_to_base", "dose",
             "tag_kl", "n_kept")
     head = "".join(f"<th>{c}</th>" for c in cols)
 
@@ -586,11 +615,14 @@ def headline_lines(run_dir: Path | str) -> list[str]:
     if not rows:
         return []
     last = max(r["round"] for r in rows)
+    ax = run_axis(run_dir)
     out = [f"round {last:02d} (the last evaluated): value [95% CI], change from base [95% CI]"]
+    if not ax.is_default:
+        out[0] += f"; axis {ax.name}: axis_logodds = log p({ax.pos}) - log p({ax.neg}) on {ax.probe or 'the shipped probe'}"
     for r in rows:
         if r["round"] != last or r["stage"] not in ("base", "steered", "healed"):
             continue
-        for m in HEADLINE:
+        for m in ax.headline:
             if not _num(r.get(m)):
                 continue
             d = f"Δ {_ci_text(r, f'delta_{m}', signed=True)}" if _num(r.get(f"delta_{m}")) else ""
@@ -633,6 +665,7 @@ def write_report(run_dir: Path | str, out_dir: Path | str | None = None) -> Path
     stop_html += "".join(f"<p class='stop'><b>Dose flagged.</b> {html.escape(w)}</p>" for w in dose_warnings(run_dir))
     name = run_name(run_dir)
     heads = headline_lines(run_dir)
+    ax = run_axis(run_dir)
     head_html = f"<pre class='headline'>{html.escape(chr(10).join(heads))}</pre>" if heads else ""
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>steerheal: {html.escape(name)}</title>
@@ -643,10 +676,12 @@ pre.headline{{font-size:13px}}</style></head>
 <body><h1>steerheal run <code>{html.escape(name)}</code></h1>
 <p><small>{len(evs)} evaluated round(s). Figures are interactive (hover, zoom); the static summary is
 trajectory.png next to this file.</small></p>
+<p>Axis: <b>{html.escape(ax.name)}</b> (probe log-odds {html.escape(ax.pos)} vs {html.escape(ax.neg)}; map
+{html.escape(ax.map_y)} vs {html.escape(ax.map_x)}).</p>
 {head_html}
 {stop_html}
 <h2>Trajectory</h2>{''.join(parts)}
-<h2>Metrics</h2>{_metrics_html(rows)}
+<h2>Metrics</h2>{_metrics_html(rows, ax)}
 <h2>Control band</h2><p>Random rotations of the persona vector (same per-layer norms and cross-layer cosines),
 each at the dose where its next-token KL at the assistant tag matches the persona's. The persona's effect is
 specific to its direction only where it lies outside this band.</p>{_band_html(run_dir)}
@@ -676,11 +711,11 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
     rows = metric_rows(run_dir) if rows is None else rows
+    axis = run_axis(run_dir)
+    xk, yk = axis.x_key, axis.y_key
     fig, grid = plt.subplots(2, 3, figsize=(16.5, 10))
     axes = grid.ravel()
-    ylabels = {"auth_nats": "auth_nats (nats; down = less authority)", "care_nats": "care_nats (nats; up = more care)",
-               "axis_logodds": "axis probe log-odds, care vs authority"}
-    for ax, key in zip(axes[:3], ("auth_nats", "care_nats", "axis_logodds")):
+    for ax, key in zip(axes[:3], (xk, yk, "axis_logodds")):
         for stage in STAGE_ORDER:
             x, y, lo, hi = _interval(rows, stage, key)
             if not x:
@@ -703,7 +738,7 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
                 ax.errorbar(x, y, yerr=yerr, fmt="o-", color=COLORS[stage], label=stage, capsize=3)
         ax.set_title(f"A: {key} per stage (bars: 95% CI)")
         ax.set_xlabel("round")
-        ax.set_ylabel(ylabels[key])
+        ax.set_ylabel(axes_.metric_label(axis, key))
     if axes[0].get_legend_handles_labels()[0]:  # an empty run folder has nothing to label
         axes[0].legend(fontsize=9)
     ax = axes[3]
@@ -728,21 +763,22 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
         ax.legend(fontsize=9)
     ax = axes[4]
     for stage in STAGE_ORDER:
-        pts = [r for r in rows if r["stage"] == stage and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
+        pts = [r for r in rows if r["stage"] == stage and _num(r.get(yk)) and _num(r.get(xk))]
         if pts:
-            ax.plot([r["auth_nats"] for r in pts], [r["care_nats"] for r in pts], "*" if stage == "base" else "o-",
+            ax.plot([r[xk] for r in pts], [r[yk] for r in pts], "*" if stage == "base" else "o-",
                     color=COLORS[stage], label=stage, ms=12 if stage == "base" else 6)
             if stage in ("steered", "healed"):
                 for r in pts:
-                    ax.annotate(f"r{r['round']}", (r["auth_nats"], r["care_nats"]), fontsize=8,
+                    ax.annotate(f"r{r['round']}", (r[xk], r[yk]), fontsize=8,
                                 xytext=(3, 3), textcoords="offset points")
-    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get("care_nats")) and _num(r.get("auth_nats"))]
+    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get(yk)) and _num(r.get(xk))]
     if members:
-        ax.plot([r["auth_nats"] for r in members], [r["care_nats"] for r in members], ".", color=COLORS["random"],
+        ax.plot([r[xk] for r in members], [r[yk] for r in members], ".", color=COLORS["random"],
                 alpha=0.6, label="random controls")
-    ax.set_xlabel("auth_nats = ln profile[Authority]")
-    ax.set_ylabel("care_nats = ln profile[Care]")
-    ax.set_title("C: care vs authority (goal: up and to the left)")
+    x_title, y_title = axes_.map_axis_titles(axis)
+    ax.set_xlabel(x_title)
+    ax.set_ylabel(y_title)
+    ax.set_title(f"C: {axes_.map_title(axis)}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax = axes[5]

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import transformers
 
-from .. import contract, datafiles
+from .. import axis, contract, datafiles
 from ..embedded import sha256
 from ..heal.step import HEAL_KEYS
 from ..runfolder import read_json
@@ -85,6 +85,8 @@ def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vecto
            "vector": sha256(vector) if vector is not None else None,
            "adapters": [{f.name: sha256(f) for f in sorted(Path(d).iterdir()) if f.is_file()} for d in adapters],
            "vignette_file": sha256(Path(cfg.vignettes)) if cfg.vignettes and Path(cfg.vignettes).is_file() else None,
+           # a probe file other than the shipped default (which eval_code_version hashes)
+           **({"probe_file": sha256(probe)} if cfg.axis_probe and (probe := axis.probe_path(cfg.axis_probe)).is_file() else {}),
            "code": eval_code_version()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 

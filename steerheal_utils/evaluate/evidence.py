@@ -21,7 +21,7 @@ def _round0_base(run_dir: Path) -> tuple[dict, list[dict]] | None:
 
 
 def add_evidence(out: dict, stage_rows: dict[str, list[dict]], rows: Sequence[dict], *, run_dir: Path, seed: int,
-                 n_boot: int = 2000, level: float = 0.95) -> None:
+                 n_boot: int = 2000, level: float = 0.95, headline: Sequence[str] | None = None) -> None:
     """Uncertainty and the control band, written into a round's eval record ``out`` in place.
 
     Per stage: ``ci`` (metric -> [lo, hi]) and, except for base, ``delta_vs_base`` (metric ->
@@ -31,7 +31,8 @@ def add_evidence(out: dict, stage_rows: dict[str, list[dict]], rows: Sequence[di
     ``out["control_band"]`` when the round has random controls (``random_NN``) and a steered
     stage: the controls' doses and KLs, which ones missed their KL match (also a WARNING note),
     and where the steered model falls in the band for each headline metric and its delta vs base
-    (:func:`steerheal_utils.stats.band_position`).
+    (:func:`steerheal_utils.stats.band_position`); ``headline``: those metrics (default
+    :data:`steerheal_utils.stats.HEADLINE`; the run's axis names its own, :attr:`axis.Axis.headline`).
     """
     stages, notes = out["stages"], out["notes"]
     human = human_majority(rows)
@@ -63,7 +64,7 @@ def add_evidence(out: dict, stage_rows: dict[str, list[dict]], rows: Sequence[di
     if not members or "steered" not in stages:
         return
     band = controls.band_summary(stages["steered"], {n: stages[n] for n in members},
-                                 base[0] if base is not None else None)
+                                 base[0] if base is not None else None, metrics=headline)
     out["control_band"] = band
     for n in band["unmatched"]:
         msg = (f"WARNING: control {n} is NOT matched in effect to the persona vector: {stages[n].get('match_reason')} "

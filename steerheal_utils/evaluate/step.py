@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
-from .. import controls, models
+from .. import axis, controls, models
 from ..adapters import active_adapters, adapter_dirs, bake_adapters, has_adapter
 from ..chat import persona_system
 from ..runfolder import atomic_write_json, atomic_write_jsonl
@@ -12,7 +12,7 @@ from ..vector.modes import spec_kwargs
 from ..vector.steering import Steering, check_vector_matches
 from ..vector.value import SteeringVector
 from .conditions import EVAL_STAGE_DIR, _cached_stage, stage_dose, stage_fingerprint
-from .data import load_heldout, load_probe, load_vignettes
+from .data import load_heldout, load_vignettes
 from .evidence import add_evidence
 from .model_eval import answer_kl, evaluate_model, heldout_answers
 
@@ -43,7 +43,8 @@ def run_stage(ctx, progress: bool = True) -> dict:
     model = bake_adapters(base, stack)
     model.eval()
     rows = load_vignettes(cfg.vignettes or None, cfg.eval_max_rows, seed=cfg.seed)
-    probe = load_probe(cfg.probe_max_items)
+    ax = axis.from_config(cfg)
+    probe = axis.load_probe(cfg.axis_probe, cfg.probe_max_items)
     kw = dict(probe=probe, layout=cfg.eval_layout, think_tokens=cfg.think_tokens, batch_size=cfg.batch_size,
               think_batch_size=cfg.gen_batch_size)
 
@@ -108,13 +109,15 @@ def run_stage(ctx, progress: bool = True) -> dict:
         stages[name] = res["summary"]
         stage_rows[name] = res["rows"]
         all_rows += [{"stage": name, **row} for row in res["rows"]]
-        print(f"{name}: auth_nats {res['summary']['auth_nats']:.3f}  care_nats {res['summary']['care_nats']:.3f}  "
-              f"coherence {res['summary']['coherence']:.3f}  axis {res['summary'].get('axis_logodds', float('nan')):+.3f}  "
+        print(f"{name}: {ax.x_key} {res['summary'][ax.x_key]:.3f}  {ax.y_key} {res['summary'][ax.y_key]:.3f}  "
+              f"coherence {res['summary']['coherence']:.3f}  {ax.pos} vs {ax.neg} "
+              f"{res['summary'].get('axis_logodds', float('nan')):+.3f}  "
               f"({res['summary']['seconds']:.0f}s)")
 
     out: dict = {"round": r, "stages": stages, "notes": notes, "n_vignettes": len(rows), "n_probe": len(probe),
-                 "vignettes": cfg.vignettes or "mfv_classic_other_violate.jsonl", "dose": dose}
-    add_evidence(out, stage_rows, rows, run_dir=ctx.run_dir, seed=ctx.seed, n_boot=cfg.n_boot, level=cfg.ci_level)
+                 "vignettes": cfg.vignettes or "mfv_classic_other_violate.jsonl", "dose": dose, "axis": ax.record()}
+    add_evidence(out, stage_rows, rows, run_dir=ctx.run_dir, seed=ctx.seed, n_boot=cfg.n_boot, level=cfg.ci_level,
+                 headline=ax.headline)
     heldout = load_heldout()
     if healed_ok:
         recs, pids, ans = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)
@@ -138,8 +141,10 @@ def run_stage(ctx, progress: bool = True) -> dict:
 
 
 def summary_table(result: dict) -> list[dict]:
-    """One flat dict per stage for display: the headline metrics, each of the first four with its CI as ``<k>_ci``."""
-    keys = ("auth_nats", "care_nats", "coherence", "axis_logodds", "on_diag_authority", "on_diag_care", "agreement", "dose", "seconds")
+    """One flat dict per stage for display: the headline metrics, each of the first four with its CI as ``<k>_ci``
+    (the map's x and y foundations of the round's axis, coherence, the axis probe)."""
+    ax = axis.from_eval(result)
+    keys = (ax.x_key, ax.y_key, "coherence", "axis_logodds", "on_diag_authority", "on_diag_care", "agreement", "dose", "seconds")
     out = []
     for name, s in result["stages"].items():
         row = {"stage": name}
