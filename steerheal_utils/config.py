@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     """A config key, type or value that is not accepted."""
 
 
-SECTIONS = ("common", "vector", "generate", "filter", "heal", "eval")
+SECTIONS = ("common", "vector", "generate", "filter", "heal", "eval", "online")
 """Config sections: which step a knob belongs to. The contract names a step's config by sections
 (``contract.Step.config``); heal's keys (``heal.HEAL_KEYS``) and the filter's thresholds
 (``filter.gates.FilterThresholds``) are the knobs of their section. On disk the config is flat."""
@@ -167,6 +167,13 @@ class Config:
     heldout_max_new_tokens: int = knob(64, "greedy tokens for the outputs-over-loop table", lo=1, section="eval")
     probe_max_items: int = knob(0, "on-axis probe items used (the first N); 0 = all", lo=0, section="eval")
 
+    # --- 06 online (loop=online: sample, filter and heal per batch; see steerheal_utils/online) ---
+    loop: str = knob("rounds", "rounds = the round loop (01-05 per round); online = 01, then 06_online (each step samples online_batch steered completions from the current student, filters them, and takes one heal step on the kept ones), then 05 every online_every steps", choices=("rounds", "online"), section="online")
+    online_batch: int = knob(16, "loop=online: prompts sampled (and filtered) per training step; the heal batch is the kept ones", lo=1, section="online")
+    online_refresh: int = knob(4, "loop=online: re-read the steering vector from the current student every this many steps (0 = only 01's, once per checkpoint)", lo=0, section="online")
+    online_every: int = knob(6, "loop=online: training steps between checkpoints; each checkpoint is a round folder (adapter, eval, metrics rows)", lo=1, section="online")
+    online_steps: int = knob(18, "loop=online: total training steps (the run has ceil(online_steps / online_every) rounds)", lo=1, section="online")
+
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,6 +238,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         strict=False, max_tail_ppl=1e9, max_ngram_repeat=1.0, lora_r=4, lora_alpha=8.0, epochs=1,
         train_batch_size=4, max_seq_len=256, q1_prompts=4, eval_max_rows=14, heldout_max_new_tokens=8,
         controls=["prompted", "random"], probe_max_items=8, n_controls=2, control_kl_prompts=8,
+        online_batch=4, online_refresh=2, online_every=2, online_steps=4,
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
@@ -255,6 +263,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 05's control band: the KL match over 16 of the 48 dilemmas (a 48-prompt KL pass costs ~40% of
         # one vignette eval here; ~3 passes per control).
         control_kl_prompts=16,
+        # loop=online at the round loop's budget: 6 heal steps per checkpoint (2 epochs x 3 steps),
+        # 6 x 12 = 72 sampled completions per checkpoint (the round loop collects at most gen_budget=64).
+        online_batch=12, online_refresh=3, online_every=6, online_steps=18,
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(
@@ -262,6 +273,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_keep=256, gen_budget=768, calib_probes=64, calib_grid=6, epochs=2, lora_r=32,
         lora_alpha=64.0, tau=2.0, batch_size=64, eval_layout="tinymfv", think_tokens=128,
         heldout_max_new_tokens=128, controls_every_round=True, gen_compile=True,
+        online_batch=64, online_refresh=8, online_every=24, online_steps=72,
     ),
 }
 
@@ -364,6 +376,13 @@ def validate(values: dict[str, Any]) -> Config:
         raise ConfigError(f"lora_layer_lo ({cfg.lora_layer_lo}) must not exceed lora_layer_hi ({cfg.lora_layer_hi})")
     if cfg.calib_lo <= 0 or cfg.calib_lo >= cfg.calib_hi:
         raise ConfigError(f"calib_lo must be > 0 and below calib_hi (got {cfg.calib_lo}, {cfg.calib_hi})")
+    if cfg.loop == "online":
+        if cfg.dose is None:
+            raise ConfigError("loop=online needs a fixed dose (--set dose=X; e.g. the dose round 0 of a round-based "
+                              "run calibrated, in its round_00/generate.json): it does not search for one")
+        if cfg.reg == "kl" and cfg.tau_mode != "absolute":
+            raise ConfigError("loop=online supports tau_mode=absolute only (there is no fixed training set to "
+                              "calibrate a quantile on)")
     bad_controls = set(cfg.controls) - {"prompted", "random"}
     if bad_controls:
         raise ConfigError(f"controls: {sorted(bad_controls)} not among prompted, random")
