@@ -270,6 +270,12 @@ def config_keys(stage: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ docs
+def _shown(a: Artifact) -> str:
+    """An artifact's name in the docs: folders end in ``/`` (a cache is a folder unless its name has a suffix)."""
+    folder = a.kind == "dir" or (a.kind == "cache" and "." not in a.file)
+    return a.file + ("/" if folder else "")
+
+
 def stage_graph_markdown() -> str:
     """The stage graph (mermaid) and one table row per step: reads, writes, config."""
     lines = ["```mermaid", "flowchart LR"]
@@ -290,7 +296,7 @@ def stage_graph_markdown() -> str:
                           + (f" ({r.why})" if r.why else "") for r in st.reads)
         if st.files:
             reads += "; the files named by " + ", ".join(f"`{k}`" for k in st.files)
-        writes = "; ".join(f"`{n}` = `{artifact(n).file}{'/' if artifact(n).kind != 'file' else ''}`" for n in st.writes)
+        writes = "; ".join(f"`{n}` = `{_shown(artifact(n))}`" for n in st.writes)
         lines.append(f"| `{st.name}` | {reads} | {writes} | {', '.join(st.config)} |")
     return "\n".join(lines) + "\n"
 
@@ -307,7 +313,7 @@ def run_folder_tree() -> str:
                 continue
             seen.add(n)
             a = artifact(n)
-            rows.append((f"round_NN/{a.file}{'/' if a.kind != 'file' else ''}", f"{st.name}: {a.what}"))
+            rows.append((f"round_NN/{_shown(a)}", f"{st.name}: {a.what}"))
     rows.append((f"round_NN/{MARKER_DIR}/<step>.json", "a step's record: hashes of what it read and wrote, the config it used"))
     rows.append((f"round_NN/{EXPLORE_DIR}/<hash>/", "what notebooks run by hand on a finished step wrote (scratch)"))
     width = max(len(f) for f, _ in rows) + 2
