@@ -191,3 +191,8 @@ def test_driver_runs_the_online_loop_with_report(tmp_path):
     rows = list(csv.DictReader(contract.run_path(run, "metrics").open()))
     assert {int(r["round"]) for r in rows} == {0, 1} and {"healed", "steered"} <= {r["stage"] for r in rows}
     assert contract.run_path(run, "report").exists()
+    from steerheal_utils.online.compare import arm_summary, healed_difference
+
+    a = arm_summary(run)  # the docs/online table reads an online run like a round-based one
+    assert a["loop"] == "online" and a["rounds"] == 2 and a["generated"] == 6 and a["optimizer_steps"] <= 2
+    assert all(v["delta"] == 0 for v in healed_difference(run, run).values())
