@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     """A config key, type or value that is not accepted."""
 
 
-SECTIONS = ("common", "vector", "generate", "filter", "heal", "eval")
+SECTIONS = ("common", "vector", "generate", "filter", "heal", "eval", "online")
 """Config sections: which step a knob belongs to. The contract names a step's config by sections
 (``contract.Step.config``); heal's keys (``heal.HEAL_KEYS``) and the filter's thresholds
 (``filter.gates.FilterThresholds``) are the knobs of their section. On disk the config is flat."""
@@ -180,6 +180,13 @@ class Config:
     axis_probe: str = knob("", "axis probe JSONL (id, situation, pos_option, neg_option; or the shipped care_option, authority_option); empty = the shipped care-vs-authority probe; a bare name = a file in steerheal_utils/data/ (love_probe.jsonl)", section="eval")
     axis_map: list[str] = knob(["Authority", "Care"], "[x, y] foundations of the report's map; their *_nats join axis_logodds and coherence in the headline (deltas, control band)", section="eval")
 
+    # --- 06 online (loop=online: sample, filter and heal per batch; see steerheal_utils/online) ---
+    loop: str = knob("rounds", "rounds = the round loop (01-05 per round); online = 01, then 06_online (each step samples online_batch steered completions from the current student, filters them, and takes one heal step on the kept ones), then 05 every online_every steps", choices=("rounds", "online"), section="online")
+    online_batch: int = knob(16, "loop=online: prompts sampled (and filtered) per training step; the heal batch is the kept ones", lo=1, section="online")
+    online_refresh: int = knob(4, "loop=online: re-read the steering vector from the current student every this many steps (0 = only 01's, once per checkpoint)", lo=0, section="online")
+    online_every: int = knob(6, "loop=online: training steps between checkpoints; each checkpoint is a round folder (adapter, eval, metrics rows)", lo=1, section="online")
+    online_steps: int = knob(18, "loop=online: total training steps (the run has ceil(online_steps / online_every) rounds)", lo=1, section="online")
+
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # steering modes (vector.modes): constant; the others' knobs as tests use them
         steer_mode="constant", backtrack_kl=1.0, backtrack_k=2, backtrack_factor=0.5, backtrack_max=2,
         cos_gate=0.0, gate_kind="threshold",
+        online_batch=4, online_refresh=2, online_every=2, online_steps=4,
     ),
     # The embedded SmolLM2-135M on 2 CPU cores: a 3-round run in about 15-20 minutes.
     # Budgeted from a measured round (load ~3-4): 02 at 64 tokens, 5 probe calls of 12 and 96 rows
@@ -275,6 +283,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # about 2.6x the mean tag KL (0.38 nats) at the calibrated dose 0.068; k=4 of 48 tokens.
         steer_mode="constant", backtrack_kl=1.0, backtrack_k=4, backtrack_factor=0.5, backtrack_max=3,
         cos_gate=0.0, gate_kind="threshold",
+        # loop=online at the round loop's budget: 6 heal steps per checkpoint (2 epochs x 3 steps),
+        # 6 x 12 = 72 sampled completions per checkpoint (the round loop collects at most gen_budget=64).
+        online_batch=12, online_refresh=3, online_every=6, online_steps=18,
     ),
     # The paper scale on one GPU (brief section 1).
     "gemma-3-4b": dict(
@@ -285,6 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # steering modes: untested at this scale; k scaled with the 256-token completions
         steer_mode="constant", backtrack_kl=2.0, backtrack_k=8, backtrack_factor=0.5, backtrack_max=3,
         cos_gate=0.0, gate_kind="threshold",
+        online_batch=64, online_refresh=8, online_every=24, online_steps=72,
     ),
 }
 
@@ -404,6 +416,13 @@ def validate(values: dict[str, Any]) -> Config:
     check_device_map(cfg.device_map)
     if len(cfg.axis_labels) != 2 or len(cfg.axis_map) != 2:
         raise ConfigError(f"axis_labels and axis_map take two values each [pos, neg] / [x, y], got {cfg.axis_labels!r}, {cfg.axis_map!r}")
+    if cfg.loop == "online":
+        if cfg.dose is None:
+            raise ConfigError("loop=online needs a fixed dose (--set dose=X; e.g. the dose round 0 of a round-based "
+                              "run calibrated, in its round_00/generate.json): it does not search for one")
+        if cfg.reg == "kl" and cfg.tau_mode != "absolute":
+            raise ConfigError("loop=online supports tau_mode=absolute only (there is no fixed training set to "
+                              "calibrate a quantile on)")
     bad_controls = set(cfg.controls) - {"prompted", "random"}
     if bad_controls:
         raise ConfigError(f"controls: {sorted(bad_controls)} not among prompted, random")

@@ -30,6 +30,12 @@ from pathlib import Path
 STAGES = ("01_vector", "02_generate", "03_filter", "04_heal", "05_eval")
 """The pipeline steps of a round, in order (one notebook each)."""
 
+ONLINE_STAGES = ("01_vector", "06_online", "05_eval")
+"""The steps of a checkpoint of the online loop (``loop=online``): 06 samples, filters and heals per batch."""
+
+LOOPS = {"rounds": STAGES, "online": ONLINE_STAGES}
+"""The config's ``loop`` -> the steps of each of its rounds, in order."""
+
 MAX_ROUND = 99  # round folders are round_00 .. round_99
 
 
@@ -81,6 +87,9 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
     Artifact("heal_q1", "heal_q1.json", "Q1: the healed model's own answers vs the steered ones"),
     Artifact("eval", "eval.json", "every eval condition of the round: vignettes, axis probe, held-out answers, stop"),
     Artifact("eval_rows", "eval_rows.jsonl", "per-vignette results of every eval condition"),
+    Artifact("online_steps", "online_steps.csv", "per-step telemetry of the online loop: sampled, kept, keep rate, loss, D, KL, generated tokens"),
+    Artifact("online_state", "online_state.safetensors", "the online loop's resume state (adapter, optimizer, step, RNG, vector, rows so far), rewritten atomically every step, removed when the checkpoint is written",
+             kind="cache"),
     Artifact("eval_cache", "eval_stages", "one finished eval condition per file, with an input fingerprint (crash resume, study sharing)",
              kind="cache"),
 )}
@@ -116,6 +125,12 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          writes=("eval", "eval_rows", "eval_cache"),
          config=("common", "eval", "dose", "steer_positions", "dose_halflife", "steer_mode", "cos_gate", "gate_kind",
                  "gen_batch_size"), files=("vignettes", "axis_probe")),
+    Step("06_online", "loop=online: per training step, steered completions of the current student, filtered, one heal step on the kept ones",
+         reads=(Read("adapter", "earlier", "the student; the KL reference"),
+                Read("vector", "this", "the steering vector of the checkpoint's start (re-read every online_refresh steps)"),
+                Read("online_steps", "earlier", "the telemetry figure spans every checkpoint so far")),
+         writes=("adapter", "completions", "generate_summary", "heal_summary", "heal_steps", "online_steps", "online_state"),
+         config=("common", "vector", "generate", "filter", "heal", "online")),
 )}
 
 # Files of the run folder itself (not of a round).
@@ -185,11 +200,24 @@ def journal_path(run_dir: Path | str, rnd: int, stage: str) -> Path:
     return round_dir(run_dir, rnd) / f"{step(stage).name}.ipynb"
 
 
-def producer(name: str) -> str:
-    """The step that writes artifact ``name``."""
-    for s in STEPS.values():
-        if name in s.writes:
-            return s.name
+def loop_stages(loop: str = "rounds") -> tuple[str, ...]:
+    """The steps of one round of ``loop`` (the config's ``loop``), in order."""
+    if loop not in LOOPS:
+        raise ContractError(f"unknown loop {loop!r}; loops are {', '.join(LOOPS)}")
+    return LOOPS[loop]
+
+
+def home_loop(stage: str) -> str:
+    """The loop whose rounds run ``stage`` (the round loop for the steps both share)."""
+    return next(loop for loop, stages in LOOPS.items() if stage in stages)
+
+
+def producer(name: str, loop: str = "rounds") -> str:
+    """The step that writes artifact ``name`` in a round of ``loop`` (04_heal writes ``adapter`` in
+    the round loop, 06_online in the online one)."""
+    for s in (*loop_stages(loop), *STEPS):
+        if name in STEPS[s].writes:
+            return s
     raise ContractError(f"no step writes {name!r}")
 
 
@@ -243,6 +271,12 @@ def config_keys(stage: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ docs
+def _shown(a: Artifact) -> str:
+    """An artifact's name in the docs: folders end in ``/`` (a cache is a folder unless its name has a suffix)."""
+    folder = a.kind == "dir" or (a.kind == "cache" and "." not in a.file)
+    return a.file + ("/" if folder else "")
+
+
 def stage_graph_markdown() -> str:
     """The stage graph (mermaid) and one table row per step: reads, writes, config."""
     lines = ["```mermaid", "flowchart LR"]
@@ -251,7 +285,7 @@ def stage_graph_markdown() -> str:
     edges = []
     for st in STEPS.values():
         for rd in st.reads:
-            src = producer(rd.name)
+            src = producer(rd.name, home_loop(st.name))
             label = rd.name if rd.of == "this" else f"{rd.name} ({'round 0' if rd.of == 'first' else 'rounds < r'})"
             e = f"  s{src[:2]} -- {label} --> s{st.name[:2]}"
             if e not in edges:
@@ -263,7 +297,7 @@ def stage_graph_markdown() -> str:
                           + (f" ({r.why})" if r.why else "") for r in st.reads)
         if st.files:
             reads += "; the files named by " + ", ".join(f"`{k}`" for k in st.files)
-        writes = "; ".join(f"`{n}` = `{artifact(n).file}{'/' if artifact(n).kind != 'file' else ''}`" for n in st.writes)
+        writes = "; ".join(f"`{n}` = `{_shown(artifact(n))}`" for n in st.writes)
         lines.append(f"| `{st.name}` | {reads} | {writes} | {', '.join(st.config)} |")
     return "\n".join(lines) + "\n"
 
@@ -273,10 +307,14 @@ def run_folder_tree() -> str:
     rows = [(f"{f}", what) for f, what in RUN_FILES.values()]
     for st in STEPS.values():
         rows.append((f"round_NN/{st.name}.ipynb", f"{st.name}, executed (the lab journal)"))
+    seen = set()
     for st in STEPS.values():
         for n in st.writes:
+            if n in seen:  # written by a step of each loop (adapter: 04_heal or 06_online)
+                continue
+            seen.add(n)
             a = artifact(n)
-            rows.append((f"round_NN/{a.file}{'/' if a.kind != 'file' else ''}", f"{st.name}: {a.what}"))
+            rows.append((f"round_NN/{_shown(a)}", f"{st.name}: {a.what}"))
     rows.append((f"round_NN/{MARKER_DIR}/<step>.json", "a step's record: hashes of what it read and wrote, the config it used"))
     rows.append((f"round_NN/{EXPLORE_DIR}/<hash>/", "what notebooks run by hand on a finished step wrote (scratch)"))
     width = max(len(f) for f, _ in rows) + 2

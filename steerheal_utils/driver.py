@@ -250,7 +250,7 @@ def after_round(run_dir: Path, rnd: int) -> dict | None:
 
 
 def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool = False,
-             stages: tuple[str, ...] = STAGES) -> Path:
+             stages: tuple[str, ...] | None = None) -> Path:
     """Run (or resume) ``rounds`` rounds of the loop in ``run_dir``.
 
     Raises ConfigError (bad rounds, changed config, a missing file the config names),
@@ -263,6 +263,15 @@ def run_loop(run_dir: Path | str, cfg: C.Config, rounds: int, *, override: bool 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
         raise C.ConfigError(f"rounds: expected an integer in 1..{MAX_ROUNDS}, got {rounds!r}")
     run_dir = check_run_dir(run_dir)
+    if stages is None:  # the steps of the config's loop (01-05, or 01, 06_online, 05)
+        stages = contract.loop_stages(cfg.loop)
+    if cfg.loop == "online":
+        from .online import checkpoints
+
+        if rounds > checkpoints(cfg):
+            _say(f"loop=online: online_steps={cfg.online_steps} at online_every={cfg.online_every} makes "
+                 f"{checkpoints(cfg)} checkpoints: running {checkpoints(cfg)} rounds, not {rounds}")
+            rounds = checkpoints(cfg)
     C.check_files(cfg)
     check_model(cfg.model, trust_remote_code=cfg.trust_remote_code)  # before anything is written
     from .preflight import check
@@ -349,7 +358,7 @@ def left_out(run_dir: Path, chk: markers.Checker | None = None) -> list[markers.
     for r in chk.rounds():
         if chk.status(r, "05_eval").holds:
             continue
-        bad = next((st for st in (chk.status(r, s) for s in STAGES) if st.state in ("broken", "stale")), None)
+        bad = next((st for st in (chk.status(r, s) for s in chk.stages(r)) if st.state in ("broken", "stale")), None)
         if bad is not None:
             _say(f"round {r:02d} is left out of metrics.csv and the report: {bad.label}: {bad.reason} "
                  f"(`--rounds {r + 1}` redoes it)")

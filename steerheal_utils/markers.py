@@ -215,6 +215,17 @@ class Checker:
                 self._cfg_cache[rnd] = round_config(self.run_dir, rnd)
         return self._cfg_cache[rnd]
 
+    def loop(self, rnd: int) -> str:
+        """The config's ``loop`` for round ``rnd`` (``rounds`` when the config cannot be read)."""
+        try:
+            return getattr(self.config(rnd), "loop", "rounds")
+        except Exception:  # an unreadable config: _check says so; the order of steps is the round loop's
+            return "rounds"
+
+    def stages(self, rnd: int) -> tuple[str, ...]:
+        """The steps of round ``rnd`` (``contract.loop_stages`` of its config's ``loop``)."""
+        return contract.loop_stages(self.loop(rnd))
+
     def forget(self) -> None:
         """Drop computed statuses (after a step ran and sealed)."""
         self._status.clear()
@@ -232,7 +243,7 @@ class Checker:
             # A record depends only on earlier (round, step) records: fill those first, in order,
             # so that checking round 99 never recurses 500 records deep.
             for r in range(rnd + 1):
-                for s in contract.STAGES:
+                for s in self.stages(r):
                     if (r, s) == key:
                         break
                     if (r, s) not in self._status:
@@ -253,7 +264,7 @@ class Checker:
         except RunFolderError:
             return Status(rnd, stage, "broken", f"its marker {_rel(self.run_dir, mp)} is corrupted")
         for name, r in contract.inputs(stage, rnd):  # the steps it was built on must hold first
-            up = self.status(r, contract.producer(name))
+            up = self.status(r, contract.producer(name, self.loop(r)))
             if not up.holds:
                 why = "has not run" if up.state == "missing" else f"does not hold ({up.reason})"
                 return Status(rnd, stage, "stale", f"it was built on {up.label}, which {why}")
@@ -279,13 +290,13 @@ class Checker:
         return Status(rnd, stage, "ok")
 
     def round_holds(self, rnd: int) -> bool:
-        return all(self.status(rnd, s).holds for s in contract.STAGES)
+        return all(self.status(rnd, s).holds for s in self.stages(rnd))
 
     def problems(self) -> list[Status]:
         """Records that exist but do not hold, in round and step order."""
         out = []
         for r in self.rounds():
-            for s in contract.STAGES:
+            for s in self.stages(r):
                 st = self.status(r, s)
                 if st.state in ("broken", "stale"):
                     out.append(st)
@@ -314,7 +325,7 @@ def rounds_that_hold(run_dir: Path | str) -> list[int]:
     out = [r for r in chk.rounds() if chk.status(r, "05_eval").holds]
     cur = _running_eval(Path(run_dir))
     if cur is not None and cur not in out and contract.path(run_dir, cur, "eval").exists() and all(
-            chk.status(r, contract.producer(n)).holds for n, r in contract.inputs("05_eval", cur)):
+            chk.status(r, contract.producer(n, chk.loop(r))).holds for n, r in contract.inputs("05_eval", cur)):
         out = sorted(out + [cur])
     return out
 

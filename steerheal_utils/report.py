@@ -525,9 +525,11 @@ def stage_times_html(run_dir: Path | str) -> str:
     run_dir = Path(run_dir)
     rounds = _rounds(run_dir)
     cells, total = [], 0.0
+    # the steps this run ran (01-05, or 01, 06_online and 05 with loop=online)
+    steps = [st for st in contract.STEPS if any(contract.marker_path(run_dir, r, st).exists() for r in rounds)]
     for r in rounds:
         secs = []
-        for st in contract.STAGES:
+        for st in steps:
             try:
                 v = json.loads(contract.marker_path(run_dir, r, st).read_text()).get("seconds")
             except (OSError, ValueError):
@@ -538,7 +540,7 @@ def stage_times_html(run_dir: Path | str) -> str:
                      + f"<td><b>{_mmss(sum(v for v in secs if v))}</b></td></tr>")
     if not cells:
         return "<p>No timed steps.</p>"
-    head = "".join(f"<th>{html.escape(st)}</th>" for st in contract.STAGES)
+    head = "".join(f"<th>{html.escape(st)}</th>" for st in steps)
     return (f"<table><tr><th></th>{head}<th>round total</th></tr>{''.join(cells)}</table>"
             f"<p>Total {_mmss(total)} of stage time (notebook execution, kernel start included).</p>")
 
@@ -558,7 +560,7 @@ def notebook_links_html(run_dir: Path | str, out_dir: Path | str) -> str:
     items = []
     for r in _rounds(run_dir):
         links = []
-        for st in contract.STAGES:
+        for st in contract.STEPS:  # the steps of either loop that ran
             nb = contract.journal_path(run_dir, r, st)
             if nb.exists():
                 rel = os.path.relpath(nb.resolve(), out_dir.resolve())

@@ -171,8 +171,8 @@ def _in_kernel() -> bool:
 def open_stage(stage: str, namespace: dict[str, Any]) -> StageContext:
     """Validate notebook parameters, load the run config for the round, seed, and return the context."""
     global _CURRENT
-    if stage not in contract.STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(contract.STAGES)}")
+    if stage not in contract.STEPS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(contract.STEPS)}")
     params = notebook_params(namespace)
     fields = {f for f in C.Config.__dataclass_fields__}
     if any(isinstance(v, StageContext) for v in params.values()):

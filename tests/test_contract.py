@@ -45,17 +45,22 @@ def test_readme_stage_table_names_what_each_step_writes():
 
 
 def test_every_read_is_written_by_a_step_that_comes_first():
-    order = {s: i for i, s in enumerate(contract.STAGES)}
     files = [a.file for a in contract.ARTIFACTS.values()]
     assert len(files) == len(set(files)) and not set(files) & {f for f, _ in contract.RUN_FILES.values()}
-    for st in contract.STEPS.values():
-        assert set(st.writes) <= set(contract.ARTIFACTS)
-        for rd in st.reads:
-            src = contract.producer(rd.name)
-            assert rd.of in ("this", "first", "earlier")
-            if rd.of == "this":
-                assert order[src] < order[st.name] or (src == st.name and rd.name not in st.writes), (st.name, rd)
-    assert sum(len(s.writes) for s in contract.STEPS.values()) == len(contract.ARTIFACTS)  # one writer each
+    for loop, stages in contract.LOOPS.items():  # in each loop's own order, with that loop's writers
+        order = {s: i for i, s in enumerate(stages)}
+        for name in stages:
+            st = contract.STEPS[name]
+            assert set(st.writes) <= set(contract.ARTIFACTS)
+            for rd in st.reads:
+                src = contract.producer(rd.name, loop)
+                assert src in order and rd.of in ("this", "first", "earlier"), (loop, name, rd)
+                if rd.of == "this":
+                    assert order[src] < order[st.name] or (src == st.name and rd.name not in st.writes), (st.name, rd)
+        # within a loop every artifact has one writer
+        writes = [n for s in stages for n in contract.STEPS[s].writes]
+        assert len(writes) == len(set(writes)), loop
+    assert set(contract.STEPS) == {s for stages in contract.LOOPS.values() for s in stages}
 
 
 def test_inputs_resolve_rounds():

@@ -55,6 +55,16 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
+def make_optimizer(model: nn.Module, cfg, total: int):
+    """``(AdamW, LambdaLR, warmup)``: AdamW over the trainable parameters (the new adapter) with the
+    config's lr, betas and decay (``wd_strength`` when reg=wd), warm-up then cosine over ``total`` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    wd = cfg.wd_strength if cfg.reg == "wd" else cfg.weight_decay
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
+    warmup = int(round(cfg.warmup_frac * total))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup)), warmup
+
+
 @dataclass
 class HealParams:
     """What one step needs to know (built from the config by :meth:`from_config`)."""
@@ -173,15 +183,11 @@ def train(model: nn.Module, tok, rows: Sequence[dict], cfg, rnd: int, *, seed: i
     model, new, earlier = make_student(model, cfg, rnd, seed=seed)
     hp = HealParams.from_config(cfg, new, earlier)
     model.train(cfg.lora_dropout > 0)  # only LoRA dropout differs between modes
-    params = [p for p in model.parameters() if p.requires_grad]
-    wd = cfg.wd_strength if cfg.reg == "wd" else cfg.weight_decay
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
     bs = cfg.train_batch_size
     per_epoch = math.ceil(len(examples) / bs)
     total = per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_frac * total))
+    opt, sched, warmup = make_optimizer(model, cfg, total)
     calib_at = max(1, warmup) if cfg.tau_mode == "quantile" and cfg.reg == "kl" else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup))
     res = HealResult(new=new, agg=cfg.kl_agg, lam_r=hp.lam_r, tau=hp.tau, n_rows=len(examples), n_skipped=skipped)
     dev = model_device(model)
     g = torch.Generator().manual_seed(seed)
