@@ -77,6 +77,7 @@ class Config:
     # --- 02 generate ---
     dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0, section="generate")
     steer_positions: str = knob("all", "where the vector is added: all = every position, prompt included; generated = the assistant tag (last prompt token) and every token after it", choices=("all", "generated"), section="generate")
+    data_source: str = knob("steer", "where 02's training data comes from: steer = the model with the vector added (the loop); prompt = the model prompted with pos_persona as system prompt, no vector (the prompt-distillation arm; the dose search is skipped)", choices=("steer", "prompt"), section="generate")
     dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0, section="generate")
     temperature: float = knob(1.0, "sampling temperature", lo=0.0, section="generate")
     top_p: float = knob(0.95, "nucleus sampling mass", lo=0.0, hi=1.0, section="generate")

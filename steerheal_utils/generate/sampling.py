@@ -38,12 +38,12 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
            sv: SteeringVector | None = None, dose: float = 0.0, positions: str = "all", halflife: int = 0,
            temperature: float = 1.0, top_p: float = 0.95, top_k: int = 64, max_new_tokens: int = 96,
            batch_size: int = 32, seed: int = 0, min_new_tokens: int = 0, compile: bool = False,
-           progress: bool = False) -> list[dict]:
+           progress: bool = False, system: str | None = None) -> list[dict]:
     """Sample one completion per prompt, batched, with the vector added at ``dose``.
 
     Args:
         model, tok: the model to sample from and its tokenizer (left padding).
-        prompts: user messages (rendered with the chat template, no system prompt) or
+        prompts: user messages (rendered with the chat template and ``system``, default none) or
             already-rendered prompt token ids.
         sv, dose, positions, halflife: steering, as in :func:`steerheal_utils.vector.steer`.
         temperature: 0 means greedy. top_k 0 means off.
@@ -53,6 +53,7 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         min_new_tokens: forces length; for benchmarks only (it suppresses EOS).
         compile: on CUDA, a static KV cache and a compiled decode step (:func:`compiled_generation`);
             ignored elsewhere and for steering settings other than a constant dose at every position.
+        system: system prompt for string prompts (the prompt-distillation arm: the persona).
 
     Returns:
         One dict per prompt, in input order: ``prompt_index``, ``prompt_text`` (the rendered
@@ -67,8 +68,8 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         return []
     if not math.isfinite(dose):
         raise ValueError(f"dose must be finite, got {dose}")
-    seqs = [list(p) if not isinstance(p, str) else prompt_ids(tok, p)[0] for p in prompts]
-    texts = [render_prompt(tok, p) if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts]
+    seqs = [list(p) if not isinstance(p, str) else prompt_ids(tok, p, system)[0] for p in prompts]
+    texts = [render_prompt(tok, p, system) if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts]
     eos = eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     dev = model_device(model)
