@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from steerheal_utils import cli, controls
-from steerheal_utils.tools import steerability as S
+from steerheal_utils.vector import steerability as S
 
 
 def test_dose_grid_is_log_spaced_increasing_and_checked():
