@@ -72,3 +72,32 @@ def test_study_has_the_prompt_arm_with_the_rmse_heal():
     study.check_shareable([ref, study.arm_config("mean", 0, preset="tiny"), cfg])
     assert study.shared_stages(ref, cfg) == study.SHARED_STAGES[:1]
     assert study.shared_stages(ref, study.arm_config("mean", 0, preset="tiny")) == study.SHARED_STAGES
+
+
+def test_prompt_arm_copies_only_round0s_vector_and_its_record(tmp_path):
+    import os
+    import time
+
+    from conftest import fake_round
+    from steerheal_utils import contract
+    from steerheal_utils.driver import init_run
+    from steerheal_utils.markers import Checker
+    from steerheal_utils.tools import study
+
+    ref, arm = study.arm_config("rmse", 0, preset="tiny"), study.arm_config("prompt", 0, preset="tiny")
+    src, dst = tmp_path / "rmse-s0", tmp_path / "prompt-s0"
+    init_run(src, ref)
+    init_run(dst, arm)
+    fake_round(src, 0, ref, stages=contract.STAGES[:1])
+    time.sleep(0.05)  # 02-03 written after 01's record: the mtime rule must leave them out
+    fake_round(src, 0, ref, stages=contract.STAGES[1:3])
+    later = time.time() + 1
+    for s in contract.STAGES[1:3]:
+        for n in contract.step(s).writes:
+            os.utime(contract.path(src, 0, n), (later, later))
+    rec = study.share_round0(src, dst, study.shared_stages(ref, arm))
+    assert rec["stages"] == ["01_vector"]
+    assert contract.path(dst, 0, "vector").read_bytes() == contract.path(src, 0, "vector").read_bytes()
+    assert not contract.path(dst, 0, "generated").exists() and not contract.marker_path(dst, 0, "02_generate").exists()
+    assert contract.marker_path(dst, 0, "01_vector").exists()
+    assert not [p for p in Checker(dst).problems() if p.round == 0 and "01" in p.label]  # 01's record holds there
