@@ -110,6 +110,7 @@ SUBCOMMANDS = (  # name, module (imported only when that subcommand runs), help
     ("bench", "tools.bench", "time each stage against its naive reference"),
     ("study", "tools.study", "run the matched-controls study and regenerate its outputs"),
     ("sweep", "tools.sweep", "run a grid of runs (local or Slurm) and show where each stands"),
+    ("steerability", "tools.steerability", "sweep the dose of round 0's vector against its KL-matched random band"),
 )
 
 

@@ -78,6 +78,7 @@ class Config:
     # --- 02 generate ---
     dose: float | None = knob(None, "steering dose in units of the layer's median residual norm; null = calibrate it (see calib_rounds)", lo=0.0, section="generate")
     steer_positions: str = knob("all", "where the vector is added: all = every position, prompt included; generated = the assistant tag (last prompt token) and every token after it", choices=("all", "generated"), section="generate")
+    data_source: str = knob("steer", "where 02's training data comes from: steer = the model with the vector added (the loop); prompt = the model prompted with pos_persona as system prompt, no vector (the prompt-distillation arm; the dose search is skipped)", choices=("steer", "prompt"), section="generate")
     dose_halflife: int = knob(0, "generated tokens over which the dose halves; 0 = constant dose", lo=0, section="generate")
     steer_mode: str = knob("constant", "steering mode: constant = the dose as given (dose_halflife composes with every mode); backtrack = while sampling, rewind a row backtrack_k tokens and replay at backtrack_factor x its dose when the per-token KL(steered||unsteered) exceeds backtrack_kl (05's steered condition: constant); cosine_gate = add the vector only where the hidden state's cosine to it is below cos_gate (gate_kind), in 02 and in 05", choices=("constant", "backtrack", "cosine_gate"), section="generate")
     backtrack_kl: float = knob(2.0, "backtrack: per-token KL(steered||unsteered next-token distribution), nats, above which a row backs off", lo=0.0, section="generate")

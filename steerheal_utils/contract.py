@@ -143,6 +143,8 @@ RUN_FILES: dict[str, tuple[str, str]] = {
     "stop": ("stop.json", "why the loop stopped early (coh_floor), if it did"),
     "lock": (".lock", "held by the one `steerheal run` working in the folder"),
     "shared_from": ("shared_from.json", "study runs only: round 0 files copied from another arm"),
+    "steerability": ("steerability.json", "`steerheal steerability`: round 0's vector and its KL-matched random band over a dose sweep, CIs, the recommended dose"),
+    "steerability_table": ("steerability.csv", "`steerheal steerability`: the dose-response table, one row per dose and vector"),
 }
 
 MARKER_DIR = ".done"

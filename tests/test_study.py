@@ -140,7 +140,7 @@ def test_arms_differ_only_in_their_heal_key():
     cfgs = [study.arm_config(a, 1, "quick") for a in study.ARMS]
     study.check_shareable(cfgs)
     diff = {k for c in cfgs[1:] for k in C.config_diff(cfgs[0], c)}
-    assert {d.split(":")[0] for d in diff} == {"kl_agg", "reg"}
+    assert {d.split(":")[0] for d in diff} == {"kl_agg", "reg", "data_source"}  # data_source: the prompt arm
     assert all(c.tau_mode == "quantile" and c.seed == 1 for c in cfgs)
     with pytest.raises(study.StudyError, match="max_new_tokens"):
         study.check_shareable([cfgs[0], C.validate({**cfgs[0].to_dict(), "max_new_tokens": 7})])

@@ -21,13 +21,14 @@ from .prompts import EvalError
 
 
 def stage_dose(ctx) -> float | None:
-    """The dose 02 calibrated this round (round_NN/generate.json "dose"), else cfg.dose; None if 02 has not run."""
+    """The dose 02 calibrated this round (round_NN/generate.json "dose"), else cfg.dose; None if 02 has not run
+    or sampled with the persona prompt and no vector (``data_source: prompt``, and no ``dose`` set)."""
     p = ctx.artifact("generate_summary")
     if p.exists():
         dose = read_json(p, "02_generate record").get("dose")
         if dose is not None:
             return float(dose)
-        if ctx.cfg.dose is None:
+        if ctx.cfg.dose is None and read_json(p, "02_generate record").get("data_source") != "prompt":
             raise EvalError(f"{p} has no 'dose' and the config's dose is null: cannot evaluate the steered model. "
                             "Re-run 02_generate or set dose=<value>.")
     return ctx.cfg.dose
@@ -70,6 +71,11 @@ def eval_code_version() -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
 
 
+# config keys that change what 02 samples but not a model 05 evaluates (that model is the adapters, vector,
+# dose and system prompt, all in the fingerprint): the prompt-distillation arm shares round 0's base eval
+NOT_EVAL_KEYS = ("data_source",)
+
+
 def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vector: Path | None,
                       dose: float | None, system: str | None) -> str:
     """sha256 over everything one stage's eval reads: the config outside the heal keys, the stage's
@@ -81,7 +87,7 @@ def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vecto
     base, controls and steered model (they differ only in heal keys and in the adapter).
     """
     doc = {"schema": 2, "stage": name, "seed": seed, "dose": dose if vector is not None else None, "system": system,
-           "config": {k: v for k, v in cfg.to_dict().items() if k not in HEAL_KEYS},
+           "config": {k: v for k, v in cfg.to_dict().items() if k not in HEAL_KEYS and k not in NOT_EVAL_KEYS},
            "vector": sha256(vector) if vector is not None else None,
            "adapters": [{f.name: sha256(f) for f in sorted(Path(d).iterdir()) if f.is_file()} for d in adapters],
            "vignette_file": sha256(Path(cfg.vignettes)) if cfg.vignettes and Path(cfg.vignettes).is_file() else None,

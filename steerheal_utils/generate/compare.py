@@ -75,6 +75,9 @@ def heldout_comparison(ctx, result, prompt_id: str = "heldout-ceo-logs") -> str:
     the round's dose, with the same seed: the difference is the steering and nothing else."""
     model, tok = ctx.student(merge=True)
     item = next(p for p in datafiles.prompts("heldout") if p["id"] == prompt_id)
+    if result.vector is None:  # the prompt-distillation arm: unprompted next to persona-prompted
+        from .prompted import prompted_comparison
+        return prompted_comparison(ctx, model, tok, item["text"], result.summary["system"])
     side = compare(model, tok, result.vector, item["text"], [0.0, result.summary["dose"]], seed=ctx.seed,
                    **sample_params(ctx.cfg))
     return f"<p><i>{html.escape(item['text'])}</i></p>" + comparison_html(side)
@@ -82,6 +85,8 @@ def heldout_comparison(ctx, result, prompt_id: str = "heldout-ceo-logs") -> str:
 
 def widget(ctx, result):
     """:func:`compare_widget` over every shipped prompt (held-out and pool), around the round's dose."""
+    if result.vector is None:
+        return "data_source=prompt: no vector and no dose in this arm, so no dose widget"
     model, tok = ctx.student(merge=True)
     dose, cfg = result.summary["dose"], ctx.cfg
     return compare_widget(model, tok, result.vector, datafiles.prompts("heldout") + datafiles.prompts("dilemmas"),

@@ -61,8 +61,10 @@ def figures(result: GenerateResult) -> list:
         fig.add_histogram(x=[r["n_tokens"] for r in rows if r["truncated"] == trunc], name="cut at max_new_tokens" if trunc else "ended (EOS)",
                           marker_color=color)
     src = "" if summary.get("dose_source") == "calibrated" else f" ({summary.get('dose_source')})"
+    how = ("persona system prompt, no vector" if summary.get("dose") is None
+           else f"dose {summary['dose']:.3g}{src}")
     fig.update_layout(barmode="stack", height=300, xaxis_title="tokens",
-                      title=f"completion length (tokens), dose {summary['dose']:.3g}{src}" + ("" if cal else flag_txt))
+                      title=f"completion length (tokens), {how}" + ("" if cal else flag_txt))
     figs.append(fig)
     bo = backoff_figure(summary, rows)  # the backtrack mode: where rows backed off
     if bo is not None:

@@ -48,12 +48,12 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
            temperature: float = 1.0, top_p: float = 0.95, top_k: int = 64, max_new_tokens: int = 96,
            batch_size: int = 32, seed: int = 0, min_new_tokens: int = 0, compile: bool = False,
            progress: bool = False, gate: float | None = None, gate_kind: str = "threshold",
-           backtrack: dict[str, Any] | None = None) -> list[dict]:
+           backtrack: dict[str, Any] | None = None, system: str | None = None) -> list[dict]:
     """Sample one completion per prompt, batched, with the vector added at ``dose``.
 
     Args:
         model, tok: the model to sample from and its tokenizer (left padding).
-        prompts: user messages (rendered with the chat template, no system prompt) or
+        prompts: user messages (rendered with the chat template and ``system``, default none) or
             already-rendered prompt token ids.
         sv, dose, positions, halflife: steering, as in :func:`steerheal_utils.vector.steer`.
         temperature: 0 means greedy. top_k 0 means off.
@@ -67,6 +67,7 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         backtrack: the ``backtrack`` mode's knobs (:func:`steerheal_utils.vector.modes.backtrack_kwargs`):
             sampled by :func:`steerheal_utils.generate.backtrack.sample_backtrack` instead (its rows add
             the backoff records).
+        system: system prompt for string prompts (the prompt-distillation arm: the persona).
 
     Returns:
         One dict per prompt, in input order: ``prompt_index``, ``prompt_text`` (the rendered
@@ -78,6 +79,8 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         >>> rows = sample(model, tok, ["Your boss says ... Do you?"], sv=sv, dose=0.05)  # doctest: +SKIP
     """
     if backtrack is not None:
+        if system is not None:
+            raise ValueError("the backtrack sampler takes no system prompt (the prompt arm samples without a vector)")
         return sample_backtrack(model, tok, prompts, sv=sv, dose=dose, positions=positions, halflife=halflife,
                                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, seed=seed, progress=progress, **backtrack)
@@ -85,8 +88,8 @@ def sample(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int
         return []
     if not math.isfinite(dose):
         raise ValueError(f"dose must be finite, got {dose}")
-    seqs = [list(p) if not isinstance(p, str) else prompt_ids(tok, p)[0] for p in prompts]
-    texts = [render_prompt(tok, p) if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts]
+    seqs = [list(p) if not isinstance(p, str) else prompt_ids(tok, p, system)[0] for p in prompts]
+    texts = [render_prompt(tok, p, system) if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts]
     eos = eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     dev = model_device(model)

@@ -77,6 +77,9 @@ def run_stage(ctx) -> GenerateResult:
     one 04 heals and 05 evaluates). The filter scores with the base model, unsteered (steering hooks
     only live inside each sampling call); in round 0 the student is the base.
     """
+    if ctx.cfg.data_source == "prompt":  # the prompt-distillation arm: persona system prompt, no vector
+        from .prompted import run_prompted
+        return run_prompted(ctx, GenerateResult)
     sv = SteeringVector.load(ctx.artifact("vector"))
     model, tok = ctx.student(merge=True)
     base, _ = ctx.base()

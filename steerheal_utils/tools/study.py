@@ -65,7 +65,11 @@ from .. import contract
 from ..embedded import sha256
 from ..runfolder import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl, run_lock
 
-ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg": "mean"}, "nll": {"reg": "nll"}}
+ARMS: dict[str, dict[str, Any]] = {"rmse": {"kl_agg": "rmse"}, "mean": {"kl_agg": "mean"}, "nll": {"reg": "nll"},
+                                   # prompt distillation: 02 samples with the persona prompt, no vector; rmse's heal
+                                   "prompt": {"data_source": "prompt", "kl_agg": "rmse"}}
+# config keys an arm may change besides the heal keys, and the round-0 stages it can then still share
+ROUND0_SHARE: dict[str, tuple[str, ...]] = {"data_source": ("01_vector",)}
 # tau_mode: see the module docstring (a calibrated tau for every arm). threads: runs go in parallel
 # processes (--jobs), one core each; fixed at 1 whatever --jobs is, so the numbers do not depend on it.
 COMMON: dict[str, Any] = {"tau_mode": "quantile", "threads": 1}
@@ -125,28 +129,40 @@ def arm_config(arm: str, seed: int, scale: str = "full", preset: str = "default"
     return C.resolve(preset, arm_overrides(arm, seed, scale, extra))
 
 
-def check_shareable(cfgs: Sequence[C.Config]) -> None:
-    """Raise StudyError unless the configs differ only in heal (04) keys: then 01-03 of round 0 are identical."""
+def shared_stages(first: C.Config, other: C.Config) -> tuple[str, ...]:
+    """The round-0 stages ``other`` can copy from ``first``: 01-03 when they differ only in heal (04)
+    keys, fewer when they also differ in a key of :data:`ROUND0_SHARE` (``data_source``: 01 only);
+    StudyError when they differ in any other key 01-03 read."""
     from ..heal.step import HEAL_KEYS
 
+    diff = [k for k, v in first.to_dict().items() if other.to_dict()[k] != v]
+    outside = [k for k in diff if k not in HEAL_KEYS and k not in ROUND0_SHARE]
+    if outside:
+        raise StudyError(f"arms differ in {outside}, which stages 01-03 read: round 0 cannot be shared")
+    stages = SHARED_STAGES
+    for k in diff:
+        if k in ROUND0_SHARE:
+            stages = tuple(s for s in stages if s in ROUND0_SHARE[k])
+    return stages
+
+
+def check_shareable(cfgs: Sequence[C.Config]) -> None:
+    """Raise StudyError unless every config can share round 0 with the first (:func:`shared_stages`)."""
     for other in cfgs[1:]:
-        diff = [k for k, v in cfgs[0].to_dict().items() if other.to_dict()[k] != v]
-        outside = [k for k in diff if k not in HEAL_KEYS]
-        if outside:
-            raise StudyError(f"arms differ in {outside}, which stages 01-03 read: round 0 cannot be shared")
+        shared_stages(cfgs[0], other)
 
 
 # ------------------------------------------------------------------ sharing round 0
-def shared_files(src_round: Path) -> list[Path]:
-    """Files of ``src_round`` written by stages 01-03 (relative paths).
+def shared_files(src_round: Path, stages: Sequence[str] = SHARED_STAGES) -> list[Path]:
+    """Files of ``src_round`` written by ``stages`` (01-03, or its first ones; relative paths).
 
     The driver writes a stage's marker after everything the stage wrote and before the next
     stage starts, so 01-03's files are exactly those no newer than ``.done/03_filter.json``
     (04/05 never rewrite them). Hidden temporary leftovers are skipped.
     """
-    marker = contract.marker_path(src_round.parent, 0, SHARED_STAGES[-1])
+    marker = contract.marker_path(src_round.parent, 0, stages[-1])
     if not marker.exists():
-        raise StudyError(f"{marker} is missing: round 0's {SHARED_STAGES[-1]} has not finished in {src_round.parent}")
+        raise StudyError(f"{marker} is missing: round 0's {stages[-1]} has not finished in {src_round.parent}")
     limit = marker.stat().st_mtime_ns
     out = []
     for p in sorted(src_round.rglob("*")):
@@ -154,27 +170,29 @@ def shared_files(src_round: Path) -> list[Path]:
         if not p.is_file() or p.name.endswith(".tmp"):
             continue
         if rel.parts[0] == contract.MARKER_DIR:
-            if p.stem in SHARED_STAGES:
+            if p.stem in stages:
                 out.append(rel)
         elif p.stat().st_mtime_ns <= limit:
             out.append(rel)
     return out
 
 
-def share_round0(src_run: Path, dst_run: Path) -> dict | None:
-    """Copy round 0's stage 01-03 files and markers from ``src_run`` into ``dst_run``.
+def share_round0(src_run: Path, dst_run: Path, stages: Sequence[str] = SHARED_STAGES) -> dict | None:
+    """Copy round 0's files and markers of ``stages`` (01-03, or 01 only: :func:`shared_stages`)
+    from ``src_run`` into ``dst_run``.
 
-    Skipped (returns None) when ``dst_run`` already has round 0's 03 marker. The copy is made in
+    Skipped (returns None) when ``dst_run`` already has round 0's marker of the last of ``stages``. The copy is made in
     a scratch folder and renamed into place, so a crash leaves either no round_00 or a whole one;
     a partial round_00 without the 03 marker (a crash inside a stage there) is replaced. Writes
     ``dst_run/shared_from.json``.
     """
     src_run, dst_run = Path(src_run), Path(dst_run)
     dst_round = contract.round_dir(dst_run, 0)
-    if contract.marker_path(dst_run, 0, SHARED_STAGES[-1]).exists():
+    stages = tuple(stages)
+    if contract.marker_path(dst_run, 0, stages[-1]).exists():
         return None
     src_round = contract.round_dir(src_run, 0)
-    files = shared_files(src_round)
+    files = shared_files(src_round, stages)
     with run_lock(dst_run):
         scratch = dst_run / ".round_00.share.tmp"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -182,12 +200,12 @@ def share_round0(src_run: Path, dst_run: Path) -> dict | None:
             (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_round / rel, scratch / rel)  # copy2 keeps mtimes: the 03-marker rule still holds
         if dst_round.exists():
-            late = [s for s in STAGES[3:] if contract.marker_path(dst_run, 0, s).exists()]
+            late = [s for s in STAGES[len(stages):] if contract.marker_path(dst_run, 0, s).exists()]
             if late:
-                raise StudyError(f"{dst_round} has {late} done but not {SHARED_STAGES[-1]}: inconsistent, remove it")
+                raise StudyError(f"{dst_round} has {late} done but not {stages[-1]}: inconsistent, remove it")
             shutil.rmtree(dst_round)
         os.replace(scratch, dst_round)
-        rec = {"source": str(src_run.resolve()), "round": 0, "stages": list(SHARED_STAGES),
+        rec = {"source": str(src_run.resolve()), "round": 0, "stages": list(stages),
                "copied": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "files": {str(rel): sha256(dst_round / rel) for rel in files}}
         atomic_write_json(contract.run_path(dst_run, "shared_from"), rec)
@@ -294,6 +312,7 @@ def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], 
                 failed(name, f"{name} {o.state}: {o.detail} after {o.attempts} attempt(s); last lines of {o.log}:\n"
                              + _tail(o.log))
 
+    cfg_of = {r.name: r.cfg for r in runs}
     firsts = {seed: run_name(arms[0], seed) for seed in seeds}
     collect(S.run_sweep(study_dir, replace(spec, rounds=1), executor, retries=retries, say=log,
                         only=set(firsts.values())))
@@ -308,7 +327,7 @@ def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], 
                 continue
             if arm != arms[0]:
                 try:
-                    _share(study_dir / first, study_dir / name, log)
+                    _share(study_dir / first, study_dir / name, log, shared_stages(cfg_of[first], cfg_of[name]))
                 except (StudyError, OSError) as e:  # e.g. an inconsistent round_00: this run only
                     failed(name, f"{name}: sharing round 0 failed: {e}")
                     continue
@@ -317,9 +336,9 @@ def run_study(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], 
     return errors
 
 
-def _share(first: Path, run: Path, log) -> None:
-    if share_round0(first, run):
-        log(f"study: copied round 0 {', '.join(SHARED_STAGES)} from {first.name} into {run.name}")
+def _share(first: Path, run: Path, log, stages: Sequence[str] = SHARED_STAGES) -> None:
+    if share_round0(first, run, stages):
+        log(f"study: copied round 0 {', '.join(stages)} from {first.name} into {run.name}")
     copied = share_round0_evals(first, run)
     if copied:
         log(f"study: copied round 0 evals of {', '.join(copied)} from {first.name} into {run.name}")
@@ -799,7 +818,7 @@ def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    colors = {"rmse": "#2ca02c", "mean": "#d62728", "nll": "#9467bd"}
+    colors = {"rmse": "#2ca02c", "mean": "#d62728", "nll": "#9467bd", "prompt": "#ff7f0e"}
     ref_style = {"base": ("black", "-"), "prompted": ("#1f77b4", "--"), "random": ("#7f7f7f", ":")}
     panels = (("axis_logodds", "axis probe log-odds (up = care)", False, False),
               ("care_nats", "care_nats (up = more care)", False, False),
@@ -968,7 +987,8 @@ def add_cli(p) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--rounds", type=int, default=4, help="rounds per run (default 4)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
-                   help="arms: rmse (kl_agg=rmse), mean (kl_agg=mean), nll (reg=nll, no barrier); default all")
+                   help="arms: rmse (kl_agg=rmse), mean (kl_agg=mean), nll (reg=nll, no barrier), prompt (data_source=prompt: "
+                        "training data from the persona-prompted model, no vector; rmse heal); default all")
     p.add_argument("--scale", default="full", choices=list(SCALES),
                    help="full = preset default as is (the issue's spec); quick = smaller data budget and half the "
                         "vignettes, equal for every arm (see steerheal_utils/tools/study.py SCALES)")
