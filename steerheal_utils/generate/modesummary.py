@@ -18,7 +18,9 @@ def mode_summary(cfg, rows: list[dict]) -> dict[str, Any]:
     Example:
         >>> from types import SimpleNamespace as NS
         >>> cfg = NS(steer_mode="backtrack", backtrack_kl=2.0, backtrack_k=4, backtrack_factor=0.5, backtrack_max=3)
-        >>> mode_summary(cfg, [{"backoffs": 0, "backoff_at": []}, {"backoffs": 2, "backoff_at": [5, 9]}])["backoff"]["rows_backed_off"]
+        >>> rows = [{"backoffs": 0, "backoff_at": [], "n_tokens": 9},
+        ...         {"backoffs": 2, "backoff_at": [5, 9], "n_tokens": 12}]
+        >>> mode_summary(cfg, rows)["backoff"]["rows_backed_off"]
         1
     """
     if cfg.steer_mode == "constant":

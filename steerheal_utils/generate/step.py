@@ -30,7 +30,7 @@ from .sampling import permutation, sample, sample_params
 
 # A completions.jsonl row as 02 writes it; 03 adds every filter score, "reason" and "keep".
 ROW_KEYS = ("id", "round", "prompt_id", "prompt", "prompt_text", "completion", "completion_ids", "dose",
-            "seed", "n_tokens", "truncated", "positions", "halflife", *BACKOFF_KEYS)
+            "seed", "n_tokens", "truncated", "positions", "halflife")
 
 
 def filter_judge(ctx, base: nn.Module, tok) -> Judge:
@@ -51,7 +51,8 @@ def _finish_rows(ctx, rows: list[dict], pool: list[dict]) -> list[dict]:
     for k, r in enumerate(rows):
         p = pool[r["pool_index"]]
         out.append({"id": f"r{ctx.round:02d}-{k:04d}", "round": ctx.round, "prompt_id": p["id"], "prompt": p["text"],
-                    **{key: r[key] for key in ROW_KEYS if key in r and key not in ("id", "round", "prompt_id", "prompt")}})
+                    **{key: r[key] for key in (*ROW_KEYS, *BACKOFF_KEYS)  # backoff keys: backtrack mode only
+                       if key in r and key not in ("id", "round", "prompt_id", "prompt")}})
     return out
 
 
