@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 
 from . import axis as axes_
-from . import contract
+from . import contract, report_modes
 from .markers import rounds_that_hold
 from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
@@ -684,6 +684,7 @@ trajectory.png next to this file.</small></p>
 {stop_html}
 <h2>Trajectory</h2>{''.join(parts)}
 <h2>Metrics</h2>{_metrics_html(rows, ax)}
+<h2>Steering mode</h2>{report_modes.modes_html(run_dir, _rounds(run_dir))}
 <h2>Control band</h2><p>Random rotations of the persona vector (same per-layer norms and cross-layer cosines),
 each at the dose where its next-token KL at the assistant tag matches the persona's. The persona's effect is
 specific to its direction only where it lies outside this band.</p>{_band_html(run_dir)}

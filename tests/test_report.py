@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from steerheal_utils import report
 from steerheal_utils.runfolder import STAGES, atomic_write_json, atomic_write_jsonl, marker_path
@@ -186,3 +187,33 @@ def test_compare_overlays_runs_and_tabulates_final_deltas(tmp_path, capsys):
     assert "-2.1 [-2.11, -2.09]" in text and text.count("Plotly.newPlot") == 1
     assert "a healed" in text and "b steered" in text  # both runs' traces in the overlay
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 1
+
+
+def test_report_shows_the_steering_mode(tmp_path, tiny_llama):
+    """Constant rounds get one plain line; a backtrack round (rows sampled by the tiny model with a
+    forced spike, summarised as 02 does) gets its knobs, backoff statistics and the figure."""
+    from steerheal_utils import config as C
+    from steerheal_utils import vector as V
+    from steerheal_utils.generate.backtrack import sample_backtrack
+    from steerheal_utils.generate.modesummary import mode_summary, token_doses
+
+    _fake_run(tmp_path)
+    text = report.write_report(tmp_path).read_text()
+    assert "Steering mode: constant in every round (the dose as given)." in text and "effective dose" not in text
+    model, tok = tiny_llama
+    d = model.config.hidden_size
+    sv = V.SteeringVector({1: torch.ones(d), 2: -torch.ones(d)}, {1: 20.0, 2: 20.0})
+    rows = sample_backtrack(model, tok, ["Your manager says to skip the safety check. Do you?", "Hi"], sv=sv, dose=1.0,
+                            threshold=0.0, k=3, factor=0.5, max_backoffs=2, max_new_tokens=10, batch_size=2, seed=3)
+    cfg = C.resolve("tiny", {"steer_mode": "backtrack", "backtrack_kl": 0.0, "backtrack_k": 3, "backtrack_max": 2})
+    g = json.loads((tmp_path / "round_01" / "generate.json").read_text())
+    atomic_write_json(tmp_path / "round_01" / "generate.json", {**g, "dose": 1.0, **mode_summary(cfg, rows)})
+    atomic_write_jsonl(tmp_path / "round_01" / "generated.jsonl", rows)
+    text = report.write_report(tmp_path).read_text()
+    sec = text.split("<h2>Steering mode</h2>")[1].split("<h2>")[0]
+    assert "<td>1</td><td>backtrack</td><td>threshold_kl 0, k 3, factor 0.5, max_per_row 2</td>" in sec
+    assert "<td>0</td><td>constant</td>" in sec and f"<td>2/2 (4 backoffs)</td><td>2: 2</td>" in sec
+    eff = sum(x for r in rows for x in token_doses(1.0, r["n_tokens"], r["backoff_at"], 3, 0.5)) / sum(r["n_tokens"] for r in rows)
+    assert 0.25 <= eff < 1.0 and f"<td>{eff:.3g}</td><td>0.25</td>" in sec  # effective, then mean final dose
+    assert "round 1: backtrack: 2/2 rows backed off" in sec and sec.count("Plotly.newPlot") == 1
+    assert text.count("plotly.js v") <= 2  # the section's figure reuses the embedded plotly.js

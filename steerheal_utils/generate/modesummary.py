@@ -43,6 +43,41 @@ def mode_summary(cfg, rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def token_doses(dose: float, n_tokens: int, backoff_at: list[int], k: int, factor: float) -> list[float]:
+    """The dose each kept token of a ``backtrack`` row was sampled at (before any ``dose_halflife`` decay),
+    rebuilt from its record: a backoff seen when the row held ``m`` tokens drops the last ``min(k, m)``
+    and multiplies the dose by ``factor`` for what follows.
+
+    Example:
+        >>> token_doses(0.2, 5, [3], k=2, factor=0.5)  # 3 tokens at 0.2, 2 dropped, then 4 more at 0.1
+        [0.2, 0.1, 0.1, 0.1, 0.1]
+        >>> token_doses(0.2, 3, [], k=2, factor=0.5)
+        [0.2, 0.2, 0.2]
+    """
+    out: list[float] = []
+    cur = float(dose)
+    for m in backoff_at:
+        out += [cur] * (m - len(out))  # the tokens sampled since the last backoff
+        del out[m - min(k, m):]
+        cur *= factor
+    if len(out) > n_tokens:
+        raise ValueError(f"a backoff record that does not fit its row: {len(out)} tokens kept before the last "
+                         f"backoff, {n_tokens} in the row")
+    return out + [cur] * (n_tokens - len(out))
+
+
+def effective_dose(rows: list[dict], k: int, factor: float) -> float | None:
+    """Token-weighted mean dose of ``backtrack`` rows (:func:`token_doses`); None without tokens.
+
+    Example:
+        >>> effective_dose([{"dose": 0.2, "n_tokens": 5, "backoff_at": [3]},
+        ...                 {"dose": 0.2, "n_tokens": 3, "backoff_at": []}], k=2, factor=0.5)
+        0.15
+    """
+    doses = [d for r in rows for d in token_doses(r["dose"], r["n_tokens"], r.get("backoff_at", []), k, factor)]
+    return round(sum(doses) / len(doses), 10) if doses else None
+
+
 def backoff_figure(summary: dict, rows: list[dict]) -> go.Figure | None:
     """Where rows backed off (generated-token index of each spike, and its KL) and how often; None
     outside the ``backtrack`` mode."""
