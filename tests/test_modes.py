@@ -133,6 +133,26 @@ def test_backtrack_dose_zero_is_unsteered_sampling(tiny):
     assert all(r["backoffs"] == 0 and r["kl_max"] == 0.0 for r in rows)
 
 
+def test_backtrack_samples_with_the_one_warper_and_matches_sample_at_dose_zero(tiny):
+    """Temperature, top-k and top-p come from warp.TopKTopP (no transformers warper of its own), so at
+    dose 0 with the same seed the backtrack sampler draws sample()'s tokens."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from steerheal_utils.generate.warp import TopKTopP, generate_kwargs
+
+    model, tok = tiny
+    procs = BT.logits_processors(model, generate_kwargs(0.8, 5, 0.9), 4, torch.device("cpu"))
+    assert [type(p) for p in procs if isinstance(p, (TopKTopP, TopKLogitsWarper, TopPLogitsWarper))] == [TopKTopP]
+    sv = _sv(model)
+    kw = dict(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=12, batch_size=2, seed=7)
+    ref = sample(model, tok, PROMPTS, sv=sv, dose=0.0, **kw)
+    rows = BT.sample_backtrack(model, tok, PROMPTS, sv=sv, dose=0.0, threshold=0.0, **kw)
+    assert [r["completion_ids"] for r in rows] == [r["completion_ids"] for r in ref]
+    assert [r["seed"] for r in rows] == [r["seed"] for r in ref]
+    other = sample(model, tok, PROMPTS, sv=sv, dose=0.0, **{**kw, "seed": 8})
+    assert [r["completion_ids"] for r in other] != [r["completion_ids"] for r in ref]  # the seed matters: it can fail
+
+
 class _Spy:
     """Wraps backtrack's steering() to record the per-row multipliers of every forward."""
 

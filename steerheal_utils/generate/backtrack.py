@@ -17,9 +17,9 @@ masked column shortens that row's window by one token: exact while the sequence 
 
 Cost: the unsteered copies double the rows of every decode forward (not the number of forwards,
 and the weights are read once per step for both); ``tools``-free measurement in the README
-("Steering modes"). Sampling uses the same logits processors as ``generate``
-(:func:`logits_processors`), the same seeds (batch ``b`` in length-sorted order samples with
-``seed + b``) and writes the same row records as :func:`~.sampling.sample`, plus ``backoffs``,
+("Steering modes"). Sampling uses the same logits processors as :func:`~.sampling.sample`'s
+``generate`` (:func:`logits_processors`: :class:`~.warp.TopKTopP` for temperature, top-k and
+top-p), the same seeds (batch ``b`` in length-sorted order samples with ``seed + b``) and writes the same row records as :func:`~.sampling.sample`, plus ``backoffs``,
 ``backoff_at`` (generated-token index where each spike was seen), ``backoff_kl``, ``final_dose``
 and the row's mean and max per-token KL over the tokens it kept (``kl_mean``, ``kl_max``).
 """
@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
 from ..batching import eos_ids, left_pad, length_sorted_batches
 from ..chat import prompt_ids, render_prompt
@@ -40,15 +41,19 @@ from ..models import model_device
 from ..progress import tqdm
 from ..vector.steering import Steering, steering
 from ..vector.value import SteeringVector
+from .warp import generate_kwargs
 
 
 def logits_processors(model: nn.Module, gen_kw: dict[str, Any], prompt_len: int, device):
-    """The logits processors ``generate`` would apply for ``gen_kw`` (temperature, top-k, top-p, and any
-    the model's generation config adds), from transformers itself, so both sampling paths share them."""
+    """The logits processors ``generate`` applies for ``gen_kw`` (:func:`~.warp.generate_kwargs`: the
+    one :class:`~.warp.TopKTopP` for temperature, top-k and top-p, plus any processor the model's
+    generation config adds), built by transformers itself, so both sampling paths share them."""
     gc = copy.deepcopy(model.generation_config)
-    gc.update(**{k: v for k, v in gen_kw.items() if k != "max_new_tokens"})
+    kw = {k: v for k, v in gen_kw.items() if k not in ("max_new_tokens", "logits_processor")}
+    gc.update(**kw)
     model._prepare_special_tokens(gc, True, device=device)
-    return model._get_logits_processor(generation_config=gc, input_ids_seq_length=prompt_len, device=device)
+    return model._get_logits_processor(generation_config=gc, input_ids_seq_length=prompt_len, device=device,
+                                       logits_processor=LogitsProcessorList(gen_kw.get("logits_processor", [])))
 
 
 def sample_backtrack(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Sequence[int]], *,
@@ -81,8 +86,7 @@ def sample_backtrack(model: nn.Module, tok, prompts: Sequence[str] | Sequence[Se
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     dev = model_device(model)
     greedy = temperature <= 0
-    gen_kw: dict[str, Any] = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
-                              dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None))
+    gen_kw = generate_kwargs(temperature, top_k, top_p)  # sample()'s: the same TopKTopP
     spec = Steering(sv, dose, positions, halflife)
     out: list[dict | None] = [None] * len(seqs)
     batches = length_sorted_batches([len(s) for s in seqs], batch_size)
