@@ -11,6 +11,9 @@ eval reads it:
   ``love_probe.jsonl``). Schema: ``id``, ``situation`` and either ``pos_option``/``neg_option``
   or the shipped file's ``care_option``/``authority_option`` (care is the pos side). Rows are
   returned in the shipped schema, which the probe scorer reads;
+- ``axis_prompts``: 02's generation prompt pool, JSONL of ``id``, ``text`` (and ``domain``)
+  (empty: the shipped care-vs-authority dilemmas; a bare name as for ``axis_probe``, e.g.
+  ``love_prompts.jsonl``). The prompt-distillation arm and the online loop sample from it too;
 - ``axis_map``: [x, y] foundations of the report's map (default ``[Authority, Care]``); their
   ``*_nats`` join ``axis_logodds`` and ``coherence`` in the headline (the metrics read against the
   control band, with their deltas to base).
@@ -32,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_PROBE = "axis_probe.jsonl"
+DEFAULT_PROMPTS = "dilemmas.jsonl"  # 02's generation pool unless axis_prompts names another
 OPTION_PAIRS = (("pos_option", "neg_option"), ("care_option", "authority_option"))  # (pos, neg) field names
 
 
@@ -102,17 +106,34 @@ def from_eval(ev: dict) -> Axis:
     return Axis(**{k: rec[k] for k in Axis.__dataclass_fields__ if k in rec}) if rec else DEFAULT
 
 
-def probe_path(value: str) -> Path:
-    """The probe file a config value names: empty = the shipped probe; a bare name that is not a
-    local file = a shipped data file of that name; anything else a path."""
+def probe_path(value: str, default: str = DEFAULT_PROBE) -> Path:
+    """The file a config value names (``axis_probe``, ``axis_prompts``): empty = the shipped
+    ``default``; a bare name that is not a local file = a shipped data file of that name; anything
+    else a path."""
     from . import datafiles
 
     if not value:
-        return datafiles.path(DEFAULT_PROBE)
+        return datafiles.path(default)
     p = Path(value)
     if not p.exists() and len(p.parts) == 1:
         return datafiles.path(value)
     return p
+
+
+def _objects(text: str, source: str):
+    """``(line number, "<source> line N", object)`` per non-blank JSONL line; ProbeError naming the line
+    when it is not a JSON object."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source} line {n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ProbeError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise ProbeError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        yield n, where, r
 
 
 def parse_probe(text: str, source: str = "probe") -> list[dict]:
@@ -129,16 +150,7 @@ def parse_probe(text: str, source: str = "probe") -> list[dict]:
         'x'
     """
     rows, seen = [], {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source} line {n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(r, dict):
-            raise ProbeError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    for n, where, r in _objects(text, source):
         pairs = [p for p in OPTION_PAIRS if any(k in r for k in p)]
         if len(pairs) != 1:
             raise ProbeError(f"{where}: give exactly one option pair, pos_option + neg_option (or the shipped "
@@ -169,6 +181,48 @@ def load_probe(value: str = "", max_items: int = 0) -> list[dict]:
     return rows[:max_items] if max_items else rows
 
 
+def parse_prompts(text: str, source: str = "prompts") -> list[dict]:
+    """Generation prompts from JSONL text, validated: rows of ``id``, ``text`` and ``domain`` (optional,
+    default ``""``), the schema of the shipped ``dilemmas.jsonl``.
+
+    Raises:
+        ProbeError: ``<source> line N: <what is wrong>`` on the first bad line (bad JSON, not an
+            object, a missing or empty ``id``/``text``, a ``domain`` that is not text, a repeated
+            id), or when the file has no prompts.
+
+    Example:
+        >>> parse_prompts('{"id": "a", "text": "Your friend is sad. What do you say?"}')
+        [{'id': 'a', 'text': 'Your friend is sad. What do you say?', 'domain': ''}]
+    """
+    rows, seen = [], {}
+    for n, where, r in _objects(text, source):
+        missing = [k for k in ("id", "text") if not isinstance(r.get(k), str) or not r[k].strip()]
+        if missing:
+            raise ProbeError(f"{where}: missing or empty text fields {missing}; the schema is id, text, domain (optional)")
+        if not isinstance(r.get("domain", ""), str):
+            raise ProbeError(f"{where}: domain must be text, got {type(r['domain']).__name__}")
+        if r["id"] in seen:
+            raise ProbeError(f"{where}: id {r['id']!r} repeats line {seen[r['id']]}")
+        seen[r["id"]] = n
+        rows.append({"id": r["id"], "text": r["text"], "domain": r.get("domain", "")})
+    if not rows:
+        raise ProbeError(f"{source} has no prompts")
+    return rows
+
+
+def load_prompts(value: str = "") -> list[dict]:
+    """02's generation pool a config's ``axis_prompts`` names: empty = the shipped care-vs-authority
+    dilemmas exactly as :func:`steerheal_utils.datafiles.prompts` reads them; otherwise validated."""
+    from . import datafiles
+
+    if not value:
+        return datafiles.prompts("dilemmas")
+    p = probe_path(value, DEFAULT_PROMPTS)
+    if not p.is_file():
+        raise ProbeError(f"axis_prompts: no such file {p} (a JSONL path, or the name of a file in steerheal_utils/data/)")
+    return parse_prompts(p.read_text(encoding="utf-8"), str(p))
+
+
 def check(cfg) -> None:
     """Everything about the axis knobs that can be checked before a model loads: the two labels,
     the map's foundations, the probe file (one-line :class:`ProbeError`, with the line number)."""
@@ -179,6 +233,7 @@ def check(cfg) -> None:
     for f in cfg.axis_map:
         nats_key(f)
     load_probe(cfg.axis_probe)
+    load_prompts(cfg.axis_prompts)
 
 
 # The default axis's figure labels, as the report has always written them (a custom axis gets

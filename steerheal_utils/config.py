@@ -179,6 +179,7 @@ class Config:
     axis_name: str = knob("care-vs-authority", "name of the trait axis the persona pair spans (labels the report and metrics.csv)", section="eval")
     axis_labels: list[str] = knob(["care", "authority"], "[pos side, neg side] labels of the axis probe's two options", section="eval")
     axis_probe: str = knob("", "axis probe JSONL (id, situation, pos_option, neg_option; or the shipped care_option, authority_option); empty = the shipped care-vs-authority probe; a bare name = a file in steerheal_utils/data/ (love_probe.jsonl)", section="eval")
+    axis_prompts: str = knob("", "02's generation prompt pool, JSONL (id, text, domain optional); empty = the shipped care-vs-authority dilemmas; a bare name = a file in steerheal_utils/data/ (love_prompts.jsonl)", section="generate")
     axis_map: list[str] = knob(["Authority", "Care"], "[x, y] foundations of the report's map; their *_nats join axis_logodds and coherence in the headline (deltas, control band)", section="eval")
 
     # --- 06 online (loop=online: sample, filter and heal per batch; see steerheal_utils/online) ---
@@ -430,7 +431,7 @@ def validate(values: dict[str, Any]) -> Config:
     return cfg
 
 
-PATH_KEYS = ("model", "vignettes", "axis_probe")  # values that may name a local file or folder
+PATH_KEYS = ("model", "vignettes", "axis_probe", "axis_prompts")  # values that may name a local file or folder
 
 
 def resolve_path(key: str, value: str) -> str:
@@ -447,7 +448,7 @@ def resolve_path(key: str, value: str) -> str:
     from .embedded import NAME as EMBEDDED
 
     p = Path(value).expanduser()
-    if key == "axis_probe" and len(p.parts) == 1 and not p.exists():
+    if key in ("axis_probe", "axis_prompts") and len(p.parts) == 1 and not p.exists():
         return value  # a file shipped in steerheal_utils/data/ (axis.probe_path)
     if key == "model":
         looks_local = p.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or p.exists()

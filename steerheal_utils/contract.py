@@ -104,7 +104,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
                 Read("vector", "this", "the steering vector"),
                 Read("generate_summary", "first", "calib_rounds=first: round 0's dose, reused")),
          writes=("generated", "calibration", "generate_summary"),
-         config=("common", "generate", "filter")),  # the 03 filter judges every sample
+         config=("common", "generate", "filter"), files=("axis_prompts",)),  # the 03 filter judges every sample
     Step("03_filter", "scores every completion under the base model and decides keep or the drop reason",
          reads=(Read("generated", "this", "the rows to score"),
                 Read("filter_summary", "first", "round 0's labelled-set result, reused when the thresholds match")),
@@ -130,7 +130,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
                 Read("vector", "this", "the steering vector of the checkpoint's start (re-read every online_refresh steps)"),
                 Read("online_steps", "earlier", "the telemetry figure spans every checkpoint so far")),
          writes=("adapter", "completions", "generate_summary", "heal_summary", "heal_steps", "online_steps", "online_state"),
-         config=("common", "vector", "generate", "filter", "heal", "online")),
+         config=("common", "vector", "generate", "filter", "heal", "online"), files=("axis_prompts",)),
 )}
 
 # Files of the run folder itself (not of a round).

@@ -8,7 +8,7 @@ resumed run is always consistent with what the rounds wrote. Panels:
   prompted control as a reference line, the random-control band as a grey area (its lowest to
   its highest control) with its mean dotted;
 - B: log-incoherence ``1 - coherence`` on a log axis (down = coherent), with CIs;
-- C: the care-vs-authority map of the trajectory (grey dots: the controls);
+- C: the axis's map of the trajectory (care vs authority by default; grey dots: the controls);
 - D: drift: cosine of each round's vector to round 0's, KL of the healed model to base;
 
 - E: all seven foundations per stage over rounds, with CIs;
@@ -831,7 +831,8 @@ def compare_figure(run_dirs: list[Path | str]):
     dotted, base a star; bars are 95% CIs."""
     from plotly.subplots import make_subplots
 
-    keys = ("auth_nats", "care_nats", "axis_logodds", "coherence")
+    ax = run_axis(run_dirs[0]) if run_dirs else axes_.DEFAULT  # the runs' axis: its headline metrics
+    keys = ("auth_nats", "care_nats", "axis_logodds", "coherence") if ax.is_default else ax.headline
     f = make_subplots(rows=1, cols=4, subplot_titles=keys)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     names = [run_name(d) for d in run_dirs]
@@ -849,7 +850,7 @@ def compare_figure(run_dirs: list[Path | str]):
                               line=dict(color=color, dash=dash or "solid"),
                               marker=dict(color=color, symbol="star" if stage == "base" else "circle",
                                           size=12 if stage == "base" else 7), row=1, col=col)
-            f.update_yaxes(title_text=key, row=1, col=col)
+            f.update_yaxes(title_text=axes_.metric_label(ax, key) if key != "coherence" else key, row=1, col=col)
     f.update_xaxes(title_text="round", dtick=1)
     f.update_layout(title="runs overlaid: healed solid, steered dotted, base star (bars: 95% bootstrap CI)", height=420)
     return f

@@ -59,6 +59,55 @@ def test_the_shipped_probes_load():
     assert len(love) == 36 and len({r["id"] for r in love}) == 36
 
 
+# ------------------------------------------------------------------ the generation pool
+@pytest.mark.parametrize("bad, says", [
+    ('{"id": "g3", "text": ', "is not JSON"),
+    ('{"id": "g3", "text": " "}', "missing or empty text fields ['text']"),
+    ('{"id": "g3", "text": "t", "domain": 3}', "domain must be text"),
+    ('{"id": "g1", "text": "t"}', "id 'g1' repeats line 1"),
+])
+def test_a_bad_prompt_line_is_named_by_its_number(tmp_path, bad, says):
+    f = tmp_path / "pool.jsonl"
+    f.write_text('{"id": "g1", "text": "a"}\n{"id": "g2", "text": "b", "domain": "d"}\n' + bad + "\n")
+    with pytest.raises(axis.ProbeError) as e:
+        axis.load_prompts(str(f))
+    assert str(e.value).startswith(f"{f} line 3") and says in str(e.value)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(axis.ProbeError, match="has no prompts"):
+        axis.load_prompts(str(tmp_path / "empty.jsonl"))
+
+
+def test_the_default_pool_is_the_shipped_dilemmas_and_the_love_pool_loads():
+    from steerheal_utils import datafiles
+
+    assert axis.load_prompts("") == datafiles.prompts("dilemmas") and C.resolve("tiny").axis_prompts == ""
+    love = axis.load_prompts("love_prompts.jsonl")
+    assert len(love) == 24 and all(r["text"].strip() and r["domain"] for r in love)
+    dil = {r["text"] for r in datafiles.prompts("dilemmas")}
+    assert not dil & {r["text"] for r in love}
+
+
+def test_02_samples_from_the_axis_pool(tmp_path, monkeypatch):
+    """generate.step reads its pool through axis.load_prompts(cfg.axis_prompts)."""
+    from steerheal_utils.generate import step
+
+    seen = []
+    monkeypatch.setattr(step.axis, "load_prompts", lambda v: seen.append(v) or (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(step.SteeringVector, "load", staticmethod(lambda p: None))
+    monkeypatch.setattr(step, "check_vector_matches", lambda sv, m: None)
+
+    class Ctx:
+        cfg = C.resolve("tiny", {"axis_prompts": "love_prompts.jsonl"})
+        seed, round = 0, 0
+        def artifact(self, *a): return tmp_path / "x"
+        def student(self, merge=False): return None, None
+        def base(self): return None, None
+
+    with pytest.raises(RuntimeError, match="stop"):
+        step.run_stage(Ctx())
+    assert seen == ["love_prompts.jsonl"]
+
+
 # ------------------------------------------------------------------ the knobs
 def test_axis_knobs_are_checked_before_any_model_loads(tmp_path, monkeypatch):
     with pytest.raises(C.ConfigError, match="axis_labels and axis_map take two values"):
@@ -69,6 +118,8 @@ def test_axis_knobs_are_checked_before_any_model_loads(tmp_path, monkeypatch):
     bad.write_text(_item(1) + "\n" + '{"id": "p2"}\n')
     with pytest.raises(C.ConfigError, match=r"p\.jsonl line 2: give exactly one option pair"):
         preflight.check(C.resolve("tiny", {"axis_probe": str(bad)}))
+    with pytest.raises(C.ConfigError, match=r"p\.jsonl line 1: missing or empty text fields \['text'\]"):
+        preflight.check(C.resolve("tiny", {"axis_prompts": str(bad)}))
     # a bare name is a shipped file; a relative path is made absolute against the caller's folder
     monkeypatch.chdir(tmp_path)
     assert C.resolve("tiny", {"axis_probe": "love_probe.jsonl"}).axis_probe == "love_probe.jsonl"
@@ -81,7 +132,7 @@ def test_the_love_config_file_sets_the_axis_and_keeps_the_preset(tmp_path):
 
     cfg = run_config("tiny", str(REPO / "configs" / "love.yaml"), ["seed=3"])
     assert (cfg.axis_name, cfg.axis_labels, cfg.axis_map) == ("love", ["warm", "cold"], ["Social Norms", "Care"])
-    assert "unconditional warmth" in cfg.pos_persona and cfg.seed == 3
+    assert "unconditional warmth" in cfg.pos_persona and cfg.seed == 3 and cfg.axis_prompts == "love_prompts.jsonl"
     assert cfg.n_contexts == C.PRESETS["tiny"]["n_contexts"]  # keys the file does not set come from the preset
     preflight.check(cfg)
     ax = axis.from_config(cfg)

@@ -215,5 +215,5 @@ def test_report_shows_the_steering_mode(tmp_path, tiny_llama):
     assert "<td>0</td><td>constant</td>" in sec and f"<td>2/2 (4 backoffs)</td><td>2: 2</td>" in sec
     eff = sum(x for r in rows for x in token_doses(1.0, r["n_tokens"], r["backoff_at"], 3, 0.5)) / sum(r["n_tokens"] for r in rows)
     assert 0.25 <= eff < 1.0 and f"<td>{eff:.3g}</td><td>0.25</td>" in sec  # effective, then mean final dose
-    assert "round 1: backtrack: 2/2 rows backed off" in sec and sec.count("Plotly.newPlot") == 1
+    assert "rows backed off (4 times; rewind 3" in sec and sec.count("Plotly.newPlot") == 1  # the figure
     assert text.count("plotly.js v") <= 2  # the section's figure reuses the embedded plotly.js

@@ -19,7 +19,7 @@ import html
 import time
 from collections import Counter
 
-from .. import datafiles
+from .. import axis
 from ..chat import persona_system, render_prompt
 from ..progress import note
 from ..runfolder import atomic_write_json, atomic_write_jsonl
@@ -43,7 +43,7 @@ def run_prompted(ctx, result_type):
     model, tok = ctx.student(merge=True)
     base, _ = ctx.base()
     system = persona_system(cfg.pos_persona)
-    pool = datafiles.prompts("dilemmas")
+    pool = axis.load_prompts(cfg.axis_prompts)  # the axis's pool; default: the shipped dilemmas
     order = permutation(len(pool), ctx.seed)
     params = sample_params(cfg)
     judge = filter_judge(ctx, base, tok)

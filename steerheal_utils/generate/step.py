@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import contract, datafiles
+from .. import axis, contract
 from ..filter.gates import FilterThresholds
 from ..filter.rows import filter_rows
 from ..runfolder import RunFolderError, atomic_write_json, atomic_write_jsonl, read_json
@@ -86,7 +86,7 @@ def run_stage(ctx) -> GenerateResult:
     base, _ = ctx.base()
     cfg = ctx.cfg
     check_vector_matches(sv, model)
-    pool = datafiles.prompts("dilemmas")
+    pool = axis.load_prompts(cfg.axis_prompts)  # the axis's pool; default: the shipped dilemmas
     order = permutation(len(pool), ctx.seed)
     params = sample_params(cfg)
     judge = filter_judge(ctx, base, tok)

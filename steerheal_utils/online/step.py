@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import datafiles, markers
+from .. import axis, markers
 from ..adapters import adapter_name, set_active
 from ..config import ConfigError
 from ..filter.gates import FilterThresholds
@@ -151,7 +151,7 @@ def run_stage(ctx, on_step: Callable[[int], None] | None = None) -> OnlineResult
     dev = model_device(model)
     th = FilterThresholds.from_config(cfg)
     params = sample_params(cfg)
-    pool = datafiles.prompts("dilemmas")
+    pool = axis.load_prompts(cfg.axis_prompts)  # the axis's pool; default: the shipped dilemmas
     order = permutation(len(pool), stage_seed(cfg.seed, 0, "06_online"))  # one stream across checkpoints
     contexts = [c["text"] for c in load_contexts(cfg.n_contexts, seed=cfg.seed)]
     layers = cfg.steered_layers(n_layers(model))
