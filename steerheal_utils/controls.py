@@ -28,7 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -37,7 +40,9 @@ from torch import nn
 from . import datafiles
 from .batching import left_pad, length_sorted_batches
 from .chat import prompt_ids
+from .kl import reverse as kl_reverse
 from .models import model_device
+from .runfolder import atomic_write_json
 from .vector.steering import steer
 from .vector.value import SteeringVector
 
@@ -70,8 +75,7 @@ def tag_logprobs(model: nn.Module, tok, prompts: Sequence[list[int]], batch_size
 
 def mean_kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
     """Mean over rows of KL(p || q) from ``[n, vocab]`` log-probs (float64 sum; NaN if any row is not finite)."""
-    lp, lq = lp.double(), lq.double()
-    kl = (lp.exp() * (lp - lq)).sum(-1)
+    kl = kl_reverse(lp.double(), lq.double())
     return float(kl.mean()) if torch.isfinite(kl).all() else float("nan")
 
 
@@ -186,8 +190,6 @@ def _result(dose, kl, target, start, matched, trace, reason) -> dict:
 
 def control_seeds(seed: int, n: int) -> list[int]:
     """``n`` distinct seeds for the band's rotations, stable per stage seed."""
-    import zlib
-
     return [zlib.crc32(f"{seed}/control/{i}".encode()) & 0x7FFFFFFF for i in range(n)]
 
 
@@ -196,9 +198,9 @@ def control_name(i: int) -> str:
     return f"random_{i:02d}"
 
 
-def is_control_name(stage: str) -> bool:
+def is_control_name(condition: str) -> bool:
     """True for the band's members (``random_NN``); the band summary is plain ``random``."""
-    return stage.startswith("random_") and stage[7:].isdigit()
+    return condition.startswith("random_") and condition[7:].isdigit()
 
 
 class KLMatcher:
@@ -206,7 +208,7 @@ class KLMatcher:
 
     The unsteered reference and the persona's KL are computed on first use and kept, so a band
     of controls costs one reference pass, one persona pass and a few passes per control.
-    Call it with the same adapters active as the stage the controls are evaluated in.
+    Call it with the same adapters active as the condition the controls are evaluated in.
 
     Args:
         vector, dose: the persona vector and the round's dose.
@@ -273,11 +275,6 @@ def band_matches(path, fingerprint: str, matcher: Callable[[], KLMatcher], band:
     warm starts of :meth:`KLMatcher.match` (and therefore each matched dose) are the same
     whether or not an earlier attempt crashed half-way through the band.
     """
-    import json
-    from pathlib import Path
-
-    from .runfolder import atomic_write_json
-
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -294,7 +291,7 @@ def band_matches(path, fingerprint: str, matcher: Callable[[], KLMatcher], band:
 
 # ------------------------------------------------------------------ records
 def match_record(match: dict, control: SteeringVector) -> dict:
-    """The fields a control stage's summary carries about its dose match (flat, for eval.json and metrics.csv)."""
+    """The fields a control condition's summary carries about its dose match (flat, for eval.json and metrics.csv)."""
     return {"control_seed": control.meta.get("control_seed"), "tag_kl": match["kl"], "persona_tag_kl": match["target_kl"],
             "persona_dose": match["start"], "dose_ratio": match["ratio"],
             "kl_matched": bool(match["matched"]), "match_steps": match["steps"], "match_trace": match["trace"],
@@ -306,13 +303,13 @@ def band_summary(persona: dict, members: dict[str, dict], base: dict | None = No
     """The control band of one round: its members' doses and KLs, and where the persona falls in it.
 
     Args:
-        persona: the steered stage's summary.
-        members: control stage name -> summary (with :func:`match_record` fields).
+        persona: the steered condition's summary.
+        members: control condition name -> summary (with :func:`match_record` fields).
         base: the base summary the deltas are taken against (None: no deltas).
 
     Returns ``{"members": [{name, seed, dose, dose_ratio, tag_kl, kl_matched}], "persona_dose",
     "persona_tag_kl", "unmatched": [names], "position": {metric: band_position},
-    "delta_position": {metric: band_position of (stage - base)}}`` for the headline metrics.
+    "delta_position": {metric: band_position of (condition - base)}}`` for the headline metrics.
     The z-score and rank of a delta equal those of the raw value (the same base is subtracted
     from every member); both are listed so a reader need not know that.
     """

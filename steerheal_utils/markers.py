@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contract
+from .runfolder import RunFolderError, atomic_write_json, read_json, round_config
 
 SCHEMA = 1
 _NEW_IN_SCHEMA_1 = ("generated",)  # outputs an older layout did not write (03 rewrote 02's file in place)
@@ -122,8 +123,6 @@ def seal(run_dir: Path | str, rnd: int, stage: str, cfg, *, inputs_before: dict[
     Raises RunFolderError (nothing sealed) when a declared output is missing, or when an input
     changed while the step ran (the step read one version and the record would claim another).
     """
-    from .runfolder import RunFolderError, atomic_write_json
-
     run_dir = Path(run_dir)
     outputs = output_snapshot(run_dir, rnd, stage)
     missing = _missing(outputs)
@@ -147,8 +146,6 @@ def adopt(run_dir: Path | str, rnd: int, stage: str, cfg) -> dict:
 
     Raises RunFolderError when a declared output is missing (the stage must run again then).
     """
-    from .runfolder import RunFolderError, atomic_write_json, read_json
-
     run_dir = Path(run_dir)
     old = read_json(contract.marker_path(run_dir, rnd, stage), "stage marker")
     outputs = output_snapshot(run_dir, rnd, stage)
@@ -210,8 +207,6 @@ class Checker:
             if self._configs is not None:
                 self._cfg_cache[rnd] = self._configs(rnd)
             else:
-                from .runfolder import round_config
-
                 self._cfg_cache[rnd] = round_config(self.run_dir, rnd)
         return self._cfg_cache[rnd]
 
@@ -252,8 +247,6 @@ class Checker:
         return self._status[key]
 
     def _check(self, rnd: int, stage: str) -> Status:
-        from .runfolder import RunFolderError, read_json
-
         mp = contract.marker_path(self.run_dir, rnd, stage)
         if not mp.exists():
             return Status(rnd, stage, "missing", "not run yet")

@@ -1111,7 +1111,7 @@ def test_coherence_floor_stops_the_loop_and_records_why(tmp_path, reference):
     assert "stopping after round 00" in r.stderr and "coh_floor" in r.stderr
     stop = json.loads((run / "stop.json").read_text())
     assert stop["round"] == 0 and "coh_floor 1.0" in stop["reason"]
-    healed = [m for m in metrics(run) if m["stage"] == "healed"]
+    healed = [m for m in metrics(run) if m["condition"] == "healed"]
     assert [m["stop_reason"] for m in healed] == [stop["reason"]]
     assert "The loop stopped" in (run / "report.html").read_text()
     assert not (run / "round_01").exists()
