@@ -57,7 +57,7 @@ def main() -> None:
     n_probe = len(a["summary"].get("axis_items") or [])
     vidx = stats.bootstrap_indices(len(ids), args.n_boot, args.seed)
     pidx = stats.bootstrap_indices(n_probe, args.n_boot, args.seed + 1) if n_probe else None
-    smp = [stats.stage_samples(stats.align(stats.vignette_arrays(x["rows"], human), ids), x["summary"].get("axis_items"),
+    smp = [stats.condition_samples(stats.align(stats.vignette_arrays(x["rows"], human), ids), x["summary"].get("axis_items"),
                                vidx, pidx) for x in (a, b)]
     u = stats.uncertainty(smp[1], b["summary"], smp[0], a["summary"], args.level)
     print(f"{'metric':18s} {'A':>9s} {'B':>9s} {'B - A':>9s}  {args.level:.0%} CI of B - A (paired, {args.n_boot} resamples)")

@@ -263,13 +263,13 @@ def map_axis_titles(ax: Axis) -> tuple[str, str]:
     return f"{ax.x_key} = ln profile[{ax.map_x}]", f"{ax.y_key} = ln profile[{ax.map_y}]"
 
 
-STEER_COLUMNS = ("axis_name", "axis_pos", "axis_neg", "round", "stage", "interval", "dose", "tag_kl", "axis_logodds",
+STEER_COLUMNS = ("axis_name", "axis_pos", "axis_neg", "round", "condition", "interval", "dose", "tag_kl", "axis_logodds",
                  "axis_logodds_lo", "axis_logodds_hi", "delta_axis_logodds", "delta_axis_logodds_lo",
                  "delta_axis_logodds_hi", "axis_logodds_band_z", "axis_logodds_band_rank", "axis_care_rate", "axis_mass")
 
 
 def steerability(run_dir) -> list[dict]:
-    """The axis's steerability check of a run, one row per stage of each round with a control band
+    """The axis's steerability check of a run, one row per condition of each round with a control band
     (base, prompted, the band's summary row, steered): the probe's log-odds with its 95% interval
     (``interval``: bootstrap; on the band's row ``band_min_max``, the controls' spread),
     the paired change from base with its interval, and where the steered model falls in the band
@@ -279,9 +279,9 @@ def steerability(run_dir) -> list[dict]:
 
     ax = run_axis(run_dir)
     rows = metric_rows(run_dir)
-    banded = {r["round"] for r in rows if r["stage"] == "random"}
+    banded = {r["round"] for r in rows if r["condition"] == "random"}
     out = []
     for r in rows:
-        if r["round"] in banded and r["stage"] in ("base", "prompted", "random", "steered"):
+        if r["round"] in banded and r["condition"] in ("base", "prompted", "random", "steered"):
             out.append({**{c: r.get(c) for c in STEER_COLUMNS}, "axis_name": ax.name, "axis_pos": ax.pos, "axis_neg": ax.neg})
     return out

@@ -2,7 +2,8 @@
 
 Subcommands: ``run`` (the loop), ``eval`` (score any model/adapter stack), ``report``
 (re-plot a run folder), ``compare`` (runs side by side), ``export`` (a round's model), ``bench`` (stage timings vs naive references), ``study`` (the
-matched-controls study), ``sweep`` (a grid of runs, local or on Slurm), ``config`` (list every knob).
+matched-controls study), ``sweep`` (a grid of runs, local or on Slurm), ``upgrade`` (an older run folder's
+names), ``config`` (list every knob).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ SUBCOMMANDS = (  # name, module (imported only when that subcommand runs), help
     ("study", "tools.study", "run the matched-controls study and regenerate its outputs"),
     ("sweep", "tools.sweep", "run a grid of runs (local or Slurm) and show where each stands"),
     ("steerability", "tools.steerability", "sweep the dose of round 0's vector against its KL-matched random band"),
+    ("upgrade", "upgrade", "rename an older run (or study) folder's eval records to this version's names, in place"),
 )
 
 

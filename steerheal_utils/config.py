@@ -164,7 +164,7 @@ class Config:
     eval_layout: str = knob("prefix", "vignette prompt layout: tinymfv (the tiny-mfv prompt) or prefix (options first, shared-prefix KV reuse: faster on CPU, not the tiny-mfv prompt)", choices=("tinymfv", "prefix"), section="eval")
     eval_max_rows: int = knob(0, "stratified subset of vignettes; 0 = all", lo=0, section="eval")
     think_tokens: int = knob(0, "tiny-mfv think path: exactly this many greedy tokens after '<think>' (EOS and '</think>' suppressed), then '</think>', a 'Just answer' turn and the forced answer; 0 = answer directly", lo=0, section="eval")
-    controls: list[str] = knob(["prompted", "random"], "control stages evaluated: prompted (persona as system prompt), random (a band of random rotations of the vector, KL-matched doses)", section="eval")
+    controls: list[str] = knob(["prompted", "random"], "control conditions evaluated: prompted (persona as system prompt), random (a band of random rotations of the vector, KL-matched doses)", section="eval")
     controls_every_round: bool = knob(False, "evaluate the random-vector control band every round, not only round 0", section="eval")
     n_controls: int = knob(8, "random-vector controls in the band (random_00...): each a random rotation of the persona vector (norms and cross-layer cosines kept) at a dose matched to the persona's KL", lo=2, section="eval")
     control_kl_tol: float = knob(0.1, "a control's dose is matched when its next-token KL at the assistant tag is within this relative error of the persona's", lo=0.001, hi=0.9, section="eval")

@@ -90,7 +90,7 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
     Artifact("online_steps", "online_steps.csv", "per-step telemetry of the online loop: sampled, kept, keep rate, loss, D, KL, generated tokens"),
     Artifact("online_state", "online_state.safetensors", "the online loop's resume state (adapter, optimizer, step, RNG, vector, rows so far), rewritten atomically every step, removed when the checkpoint is written",
              kind="cache"),
-    Artifact("eval_cache", "eval_stages", "one finished eval condition per file, with an input fingerprint (crash resume, study sharing)",
+    Artifact("eval_cache", "eval_conditions", "one finished eval condition per file, with an input fingerprint (crash resume, study sharing)",
              kind="cache"),
 )}
 
@@ -184,6 +184,22 @@ def path(run_dir: Path | str, rnd: int, name: str) -> Path:
         PosixPath('runs/x/round_01/completions.jsonl')
     """
     return round_dir(run_dir, rnd) / artifact(name).file
+
+
+def read_eval(run_dir: Path | str, rnd: int) -> dict:
+    """Round ``rnd``'s eval record (``eval``) as this version writes it: its conditions under
+    ``"conditions"``. A record made by an older version (``"stages"``) is refused with
+    RunFolderError naming the command that renames it (:mod:`steerheal_utils.upgrade`), not read half-way."""
+    from .runfolder import RunFolderError, read_json
+
+    p = path(run_dir, rnd, "eval")
+    doc = read_json(p, "eval record")
+    if not isinstance(doc, dict) or "conditions" not in doc:
+        old = " (it has 'stages': what is now called 'conditions')" if isinstance(doc, dict) and "stages" in doc else ""
+        fix = (f"`python -m steerheal_utils upgrade {run_dir}` renames it in place" if old else
+               f"run 05_eval of round {rnd} again (delete {marker_path(run_dir, rnd, '05_eval')} and re-run the same command)")
+        raise RunFolderError(f"{p} was made by an older version of steerheal{old}: {fix}")
+    return doc
 
 
 def run_path(run_dir: Path | str, name: str) -> Path:

@@ -98,8 +98,8 @@ def headline(run_dir: Path | str, rnd: int) -> list[dict]:
 
     out = []
     for r in metric_rows(run_dir):
-        if r["round"] == rnd and r["stage"] in ("base", "steered", "healed"):
-            out.append({"stage": r["stage"], **{m: [r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")] for m in HEADLINE},
+        if r["round"] == rnd and r["condition"] in ("base", "steered", "healed"):
+            out.append({"condition": r["condition"], **{m: [r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")] for m in HEADLINE},
                         **{f"delta_{m}": [r.get(f"delta_{m}"), r.get(f"delta_{m}_lo"), r.get(f"delta_{m}_hi")]
                            for m in HEADLINE if r.get(f"delta_{m}") is not None}})
     return out
@@ -187,10 +187,10 @@ def model_card(card: dict) -> str:
             "tok = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")") if card["format"] == "merged" else \
         ("from peft import AutoPeftModelForCausalLM\n"
          "model = AutoPeftModelForCausalLM.from_pretrained(\"THIS_FOLDER\")  # fetches the base model below")
-    rows = "\n".join(f"| {h['stage']} | " + " | ".join(_ci(h[m]) for m in HEADLINE) + " |" for h in card["headline"])
-    deltas = "\n".join(f"| {h['stage']} | " + " | ".join(_ci(h.get(f"delta_{m}", [None])) for m in HEADLINE) + " |"
-                       for h in card["headline"] if h["stage"] != "base")
-    head = "| stage | " + " | ".join(HEADLINE) + " |\n|---|" + "---|" * len(HEADLINE)
+    rows = "\n".join(f"| {h['condition']} | " + " | ".join(_ci(h[m]) for m in HEADLINE) + " |" for h in card["headline"])
+    deltas = "\n".join(f"| {h['condition']} | " + " | ".join(_ci(h.get(f"delta_{m}", [None])) for m in HEADLINE) + " |"
+                       for h in card["headline"] if h["condition"] != "base")
+    head = "| condition | " + " | ".join(HEADLINE) + " |\n|---|" + "---|" * len(HEADLINE)
     metrics = (f"{head}\n{rows}\n\nChange from the base model (paired):\n\n{head}\n{deltas}" if rows
                else "(no evaluated round in metrics.csv)")
     return f"""# steerheal export: {card['run']}, round {card['round']:02d}

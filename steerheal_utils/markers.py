@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contract
+from .runfolder import RunFolderError, atomic_write_json, read_json, round_config
 
 SCHEMA = 1
 _NEW_IN_SCHEMA_1 = ("generated",)  # outputs an older layout did not write (03 rewrote 02's file in place)
@@ -122,8 +123,6 @@ def seal(run_dir: Path | str, rnd: int, stage: str, cfg, *, inputs_before: dict[
     Raises RunFolderError (nothing sealed) when a declared output is missing, or when an input
     changed while the step ran (the step read one version and the record would claim another).
     """
-    from .runfolder import RunFolderError, atomic_write_json
-
     run_dir = Path(run_dir)
     outputs = output_snapshot(run_dir, rnd, stage)
     missing = _missing(outputs)
@@ -147,8 +146,6 @@ def adopt(run_dir: Path | str, rnd: int, stage: str, cfg) -> dict:
 
     Raises RunFolderError when a declared output is missing (the stage must run again then).
     """
-    from .runfolder import RunFolderError, atomic_write_json, read_json
-
     run_dir = Path(run_dir)
     old = read_json(contract.marker_path(run_dir, rnd, stage), "stage marker")
     outputs = output_snapshot(run_dir, rnd, stage)
@@ -210,8 +207,6 @@ class Checker:
             if self._configs is not None:
                 self._cfg_cache[rnd] = self._configs(rnd)
             else:
-                from .runfolder import round_config
-
                 self._cfg_cache[rnd] = round_config(self.run_dir, rnd)
         return self._cfg_cache[rnd]
 
@@ -252,8 +247,6 @@ class Checker:
         return self._status[key]
 
     def _check(self, rnd: int, stage: str) -> Status:
-        from .runfolder import RunFolderError, read_json
-
         mp = contract.marker_path(self.run_dir, rnd, stage)
         if not mp.exists():
             return Status(rnd, stage, "missing", "not run yet")
@@ -282,8 +275,7 @@ class Checker:
         diff = _first_difference(rec["inputs"], input_snapshot(self.run_dir, rnd, stage, cfg), stage, "read")
         if diff:
             return Status(rnd, stage, "stale", diff)
-        now = config_record(stage, cfg)
-        changed = [f"{k}: {rec['config'].get(k)!r} -> {now[k]!r}" for k in now if rec["config"].get(k, _ABSENT) != now[k]]
+        changed = config_changes(rec["config"], config_record(stage, cfg))
         if changed:
             return Status(rnd, stage, "stale", "the config changed (" + "; ".join(changed[:4]) +
                           (f"; {len(changed) - 4} more" if len(changed) > 4 else "") + ")")
@@ -304,6 +296,33 @@ class Checker:
 
 
 _ABSENT = object()
+
+
+def config_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for each key whose value differs from the step record's.
+
+    A key the record does not have is a knob added after the step ran. Every knob is added with
+    the old behaviour as its default, so when its value now is that default the step did what
+    it would do today, and the key does not count as a change (else adding a knob would make
+    every earlier run redo its steps).
+
+    Example:
+        >>> config_changes({"dose": 0.1}, {"dose": 0.1, "axis_prompts": ""})
+        []
+        >>> config_changes({"dose": 0.1}, {"dose": 0.2, "axis_prompts": "love.jsonl"})
+        ['dose: 0.1 -> 0.2', "axis_prompts: (not recorded) -> 'love.jsonl'"]
+    """
+    from .config import default
+
+    out = []
+    for k, v in now.items():
+        old = recorded.get(k, _ABSENT)
+        if old is _ABSENT:
+            if v != _jsonable(default(k)):
+                out.append(f"{k}: (not recorded) -> {v!r}")
+        elif old != v:
+            out.append(f"{k}: {old!r} -> {v!r}")
+    return out
 
 
 def first_incomplete_round(run_dir: Path | str, configs=None) -> int:

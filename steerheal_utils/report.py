@@ -3,7 +3,7 @@
 Everything is rebuilt from the ``round_*/eval.json`` files, so the report of a crashed or
 resumed run is always consistent with what the rounds wrote. Panels:
 
-- A: on-target scores per stage over rounds (auth_nats, care_nats, axis probe): base as a
+- A: on-target scores per condition over rounds (auth_nats, care_nats, axis probe): base as a
   star, steered red, healed green, each with its 95% paired-bootstrap CI as error bars; the
   prompted control as a reference line, the random-control band as a grey area (its lowest to
   its highest control) with its mean dotted;
@@ -11,7 +11,7 @@ resumed run is always consistent with what the rounds wrote. Panels:
 - C: the axis's map of the trajectory (care vs authority by default; grey dots: the controls);
 - D: drift: cosine of each round's vector to round 0's, KL of the healed model to base;
 
-- E: all seven foundations per stage over rounds, with CIs;
+- E: all seven foundations per condition over rounds, with CIs;
 - F: the heal loss per step (NLL and the barrier statistic D), each round;
 - G: the dose path: every dose the search tried and the chosen dose with its 90% interval;
 - H: the filter's verdicts per round (keep and each drop reason);
@@ -40,12 +40,12 @@ from .markers import rounds_that_hold
 from .runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
 NATS = ("care_nats", "fairness_nats", "loyalty_nats", "auth_nats", "sanctity_nats", "liberty_nats", "social_nats")
-COLUMNS = ("round", "stage", "care_nats", "auth_nats", "coherence", "axis_logodds", *NATS[1:3], *NATS[4:],
+COLUMNS = ("round", "condition", "care_nats", "auth_nats", "coherence", "axis_logodds", *NATS[1:3], *NATS[4:],
            "on_diag_authority", "on_diag_care", "agreement", "axis_care_rate", "axis_mass", "kl_to_base",
            "vector_cosine_to_round0", "dose", "dose_flag", "n_generated", "n_kept", "n_rows", "unscorable", "seconds",
            "stop_reason")
 # Uncertainty and the control band (issue 12). ``<m>_lo`` / ``<m>_hi``: the paired-bootstrap interval of
-# metric m (eval.json ``ci``); ``delta_<m>`` (+ ``_lo``/``_hi``): the stage minus base with its paired
+# metric m (eval.json ``ci``); ``delta_<m>`` (+ ``_lo``/``_hi``): the condition minus base with its paired
 # interval. The ``random`` row summarises the band ``random_00``...: the mean over controls, and its
 # ``_lo``/``_hi`` are the band's min and max, not a CI (column ``interval`` says which). On the steered
 # row, ``<m>_band_z`` / ``<m>_band_rank``: where the persona falls in the band (stats.band_position).
@@ -78,13 +78,13 @@ def csv_columns(ax: "axes_.Axis" = axes_.DEFAULT) -> tuple[str, ...]:
             *[f"delta_{m}{e}" for m in extra for e in ("", "_lo", "_hi")],
             *[f"{m}_band_{e}" for m in extra for e in ("z", "rank")])
 COLORS = {"base": "black", "steered": "#d62728", "healed": "#2ca02c", "prompted": "#1f77b4", "random": "#7f7f7f"}
-STAGE_ORDER = ("base", "prompted", "random", "steered", "healed")
+CONDITION_ORDER = ("base", "prompted", "random", "steered", "healed")
 ROUND_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
-def _family(stage: str) -> str:
+def _family(condition: str) -> str:
     """``random_03`` -> ``random`` (a band member sorts and colours with its band)."""
-    return "random" if stage.startswith("random_") else stage
+    return "random" if condition.startswith("random_") else condition
 
 
 # ------------------------------------------------------------------ reading the run
@@ -92,7 +92,7 @@ def load_evals(run_dir: Path | str) -> list[dict]:
     """``round_NN/eval.json`` of every round whose step records hold, in round order."""
     out = []
     for rnd in rounds_that_hold(run_dir):  # a round whose records do not hold is left out (`run` says why)
-        ev = read_json(contract.path(run_dir, rnd, "eval"), "eval record")
+        ev = contract.read_eval(run_dir, rnd)
         ev.setdefault("round", rnd)
         out.append(ev)
     return out
@@ -116,13 +116,13 @@ def dose_warnings(run_dir: Path | str) -> list[str]:
     return [w for ev in load_evals(run_dir) if (w := _generate_record(Path(run_dir), ev["round"]).get("dose_warning"))]
 
 
-def _stage_key(stage: str) -> tuple:
-    fam = _family(stage)
-    return (STAGE_ORDER.index(fam) if fam in STAGE_ORDER else 99, stage != fam, stage)
+def _condition_key(condition: str) -> tuple:
+    fam = _family(condition)
+    return (CONDITION_ORDER.index(fam) if fam in CONDITION_ORDER else 99, condition != fam, condition)
 
 
 def _evidence(s: dict, cols: tuple[str, ...] = CSV_COLUMNS) -> dict:
-    """The CI, delta and control-match columns of one stage summary (those among ``cols``)."""
+    """The CI, delta and control-match columns of one condition summary (those among ``cols``)."""
     row: dict = {"interval": "bootstrap" if s.get("ci") else None}
     for m, (lo, hi) in (s.get("ci") or {}).items():
         row[f"{m}_lo"], row[f"{m}_hi"] = lo, hi
@@ -137,7 +137,7 @@ def _evidence(s: dict, cols: tuple[str, ...] = CSV_COLUMNS) -> dict:
 def _band_row(ev: dict, members: list[dict], headline: tuple[str, ...] = HEADLINE) -> dict:
     """The ``random`` row: the band's mean per metric, ``_lo``/``_hi`` its min/max over controls."""
     band = ev.get("control_band") or {}
-    row: dict = {"stage": "random", "interval": "band_min_max", "n_controls": len(members)}
+    row: dict = {"condition": "random", "interval": "band_min_max", "n_controls": len(members)}
     ranged = (*CI_METRICS, *[f"delta_{h}" for h in dict.fromkeys((*HEADLINE, *headline))])
     for m in (*ranged, "axis_mass", "tag_kl", "dose", "n_rows"):
         vals = [r[m] for r in members if _num(r.get(m))]
@@ -151,7 +151,7 @@ def _band_row(ev: dict, members: list[dict], headline: tuple[str, ...] = HEADLIN
 
 
 def metric_rows(run_dir: Path | str) -> list[dict]:
-    """One dict per (round, stage) with the :data:`CSV_COLUMNS` (missing values are None).
+    """One dict per (round, condition) with the :data:`CSV_COLUMNS` (missing values are None).
 
     A round with a control band gets a ``random`` row summarising it (see :data:`CI_COLUMNS`)
     next to the members' own ``random_NN`` rows.
@@ -163,29 +163,29 @@ def metric_rows(run_dir: Path | str) -> list[dict]:
         cols = csv_columns(ax)
         n_gen, n_kept = _kept_counts(run_dir, ev["round"])
         gen = _generate_record(run_dir, ev["round"])
-        stages = ev.get("stages", {})
+        conditions = ev.get("conditions", {})
         common = dict(round=ev["round"], n_generated=n_gen, n_kept=n_kept,
                       vector_cosine_to_round0=ev.get("vector_cosine_to_round0"))
         if not ax.is_default:
             common.update(axis_name=ax.name, axis_pos=ax.pos, axis_neg=ax.neg)
         out = []
-        for name in sorted(stages, key=_stage_key):
-            s = stages[name]
+        for name in sorted(conditions, key=_condition_key):
+            s = conditions[name]
             row = {c: s.get(c) for c in cols}
             row.update(_evidence(s, cols))
-            row.update(common, stage=name,
+            row.update(common, condition=name,
                        dose_flag=gen.get("dose_flag") if _family(name) in ("steered", "healed", "random") else None,
                        kl_to_base=s.get("kl_to_base", ev.get("kl_to_base") if name == "healed" else None),
                        stop_reason=(ev.get("stop") or {}).get("reason") if name == "healed" else None)
             out.append(row)
-        members = [r for r in out if r["stage"].startswith("random_")]
+        members = [r for r in out if r["condition"].startswith("random_")]
         if members:
             band = {c: None for c in cols}
             band.update(common, **{k: v for k, v in _band_row(ev, members, ax.headline).items() if k in cols})
             out.append(band)
-            out.sort(key=lambda r: _stage_key(r["stage"]))
+            out.sort(key=lambda r: _condition_key(r["condition"]))
         for r in out:
-            if r["stage"] == "steered":
+            if r["condition"] == "steered":
                 band_ev = ev.get("control_band") or {}
                 r["tag_kl"] = band_ev.get("persona_tag_kl", r.get("tag_kl"))
                 for m, pos in (band_ev.get("position") or {}).items():
@@ -218,9 +218,9 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _interval(rows: list[dict], stage: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """``(rounds, values, lows, highs)`` of one stage's metric; a missing bound is the value itself."""
-    pts = [r for r in rows if r["stage"] == stage and _num(r.get(key))]
+def _interval(rows: list[dict], condition: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """``(rounds, values, lows, highs)`` of one condition's metric; a missing bound is the value itself."""
+    pts = [r for r in rows if r["condition"] == condition and _num(r.get(key))]
     lo = [r[f"{key}_lo"] if _num(r.get(f"{key}_lo")) else r[key] for r in pts]
     hi = [r[f"{key}_hi"] if _num(r.get(f"{key}_hi")) else r[key] for r in pts]
     return [r["round"] for r in pts], [r[key] for r in pts], lo, hi
@@ -259,11 +259,11 @@ def figures(run_dir: Path | str) -> list:
                           legendgroup="random", showlegend=col == 1, hoverinfo="skip", row=1, col=col)
             a.add_scatter(x=xs, y=ys, mode="lines", name="random band mean", legendgroup="random", showlegend=col == 1,
                           line=dict(color=COLORS["random"], dash="dot"), row=1, col=col)
-        for stage in ("steered", "healed"):
-            x, y, lo, hi = _interval(rows, stage, key)
+        for condition in ("steered", "healed"):
+            x, y, lo, hi = _interval(rows, condition, key)
             if x:
-                a.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), mode="lines+markers", name=stage,
-                              legendgroup=stage, showlegend=col == 1, line=dict(color=COLORS[stage]), row=1, col=col)
+                a.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), mode="lines+markers", name=condition,
+                              legendgroup=condition, showlegend=col == 1, line=dict(color=COLORS[condition]), row=1, col=col)
         x, y, lo, hi = _interval(rows, "base", key)
         if x:
             a.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), mode="markers", name="base", legendgroup="base",
@@ -279,19 +279,19 @@ def figures(run_dir: Path | str) -> list:
     a.update_xaxes(title_text="round", dtick=1)
     for col, ylab in enumerate((f"{ax.x_key} (nats)", f"{ax.y_key} (nats)", f"log-odds {ax.pos} vs {ax.neg}"), 1):
         a.update_yaxes(title_text=ylab, row=1, col=col)
-    a.update_layout(title="A · on-target score per stage over rounds (bars: 95% bootstrap CI; grey: random-control band)",
+    a.update_layout(title="A · on-target score per condition over rounds (bars: 95% bootstrap CI; grey: random-control band)",
                     height=380)
 
     # B: log-incoherence
     b = go.Figure()
-    for stage in ("base", "prompted", "random", "steered", "healed"):
-        x, c, lo, hi = _interval(rows, stage, "coherence")
+    for condition in ("base", "prompted", "random", "steered", "healed"):
+        x, c, lo, hi = _interval(rows, condition, "coherence")
         if x:
             y = [max(1 - v, 1e-6) for v in c]
             b.add_scatter(x=x, y=y, error_y=_error_y(c, lo, hi, flip=True),
-                          name="random band (mean, min-max)" if stage == "random" else stage, line=dict(color=COLORS[stage]),
-                          mode="lines+markers" if stage in ("steered", "healed") else "markers",
-                          marker=dict(symbol="star" if stage == "base" else "circle", size=11 if stage == "base" else 8))
+                          name="random band (mean, min-max)" if condition == "random" else condition, line=dict(color=COLORS[condition]),
+                          mode="lines+markers" if condition in ("steered", "healed") else "markers",
+                          marker=dict(symbol="star" if condition == "base" else "circle", size=11 if condition == "base" else 8))
     b.update_yaxes(type="log", title="1 - coherence (log; down = coherent)")
     b.update_xaxes(title="round", dtick=1)
     b.update_layout(title="B · log-incoherence: mass off the 7 answer labels", height=360)
@@ -299,24 +299,24 @@ def figures(run_dir: Path | str) -> list:
     # C: the axis's map (care vs authority by default)
     xk, yk = ax.x_key, ax.y_key
     c = go.Figure()
-    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get(yk)) and _num(r.get(xk))]
+    members = [r for r in rows if r["condition"].startswith("random_") and _num(r.get(yk)) and _num(r.get(xk))]
     if members:
         c.add_scatter(x=[r[xk] for r in members], y=[r[yk] for r in members], mode="markers",
                       name="random controls", marker=dict(color=COLORS["random"], size=5, opacity=0.6),
-                      text=[f"{r['stage']} r{r['round']}" for r in members], hoverinfo="text+x+y")
-    for stage in STAGE_ORDER:
-        pts = [r for r in rows if r["stage"] == stage and _num(r.get(yk)) and _num(r.get(xk))]
+                      text=[f"{r['condition']} r{r['round']}" for r in members], hoverinfo="text+x+y")
+    for condition in CONDITION_ORDER:
+        pts = [r for r in rows if r["condition"] == condition and _num(r.get(yk)) and _num(r.get(xk))]
         if pts:
             ax_, ay_ = [r[xk] for r in pts], [r[yk] for r in pts]
-            err = stage != "random"  # the band row's _lo/_hi are its min/max, drawn by the member points
-            c.add_scatter(x=ax_, y=ay_, name="random band mean" if stage == "random" else stage,
-                          mode="lines+markers+text" if stage in ("steered", "healed") else "markers+text",
+            err = condition != "random"  # the band row's _lo/_hi are its min/max, drawn by the member points
+            c.add_scatter(x=ax_, y=ay_, name="random band mean" if condition == "random" else condition,
+                          mode="lines+markers+text" if condition in ("steered", "healed") else "markers+text",
                           text=[f"r{r['round']}" for r in pts], textposition="top center",
-                          error_x=_error_y(*_interval(pts, stage, xk)[1:]) if err else None,
-                          error_y=_error_y(*_interval(pts, stage, yk)[1:]) if err else None,
-                          line=dict(color=COLORS[stage]),
-                          marker=dict(color=COLORS[stage], size=13 if stage == "base" else 8,
-                                      symbol="star" if stage == "base" else "circle"))
+                          error_x=_error_y(*_interval(pts, condition, xk)[1:]) if err else None,
+                          error_y=_error_y(*_interval(pts, condition, yk)[1:]) if err else None,
+                          line=dict(color=COLORS[condition]),
+                          marker=dict(color=COLORS[condition], size=13 if condition == "base" else 8,
+                                      symbol="star" if condition == "base" else "circle"))
     x_title, y_title = axes_.map_axis_titles(ax)
     c.update_layout(title=f"C · {axes_.map_title(ax)}", height=420, xaxis_title=x_title, yaxis_title=y_title)
 
@@ -367,7 +367,7 @@ def heldout_html(run_dir: Path | str, max_chars: int = 400) -> str:
 
 # ------------------------------------------------------------------ the report
 def _metrics_html(rows: list[dict], ax: "axes_.Axis" = axes_.DEFAULT) -> str:
-    cols = ("round", "stage", ax.x_key, ax.y_key, "coherence", "axis_logodds", "agreement", "kl_to_base", "dose",
+    cols = ("round", "condition", ax.x_key, ax.y_key, "coherence", "axis_logodds", "agreement", "kl_to_base", "dose",
             "tag_kl", "n_kept")
     head = "".join(f"<th>{c}</th>" for c in cols)
 
@@ -438,23 +438,23 @@ def _rounds(run_dir: Path) -> list[int]:
 
 
 def foundations_figure(rows: list[dict]):
-    """E: the seven foundations (ln profile score) per stage over rounds, with 95% CIs."""
+    """E: the seven foundations (ln profile score) per condition over rounds, with 95% CIs."""
     from plotly.subplots import make_subplots
 
     f = make_subplots(rows=2, cols=4, subplot_titles=list(NATS), horizontal_spacing=0.07, vertical_spacing=0.24)
     for i, key in enumerate(NATS):
         r_, c_ = divmod(i, 4)
-        for stage in ("base", "prompted", "steered", "healed"):
-            x, y, lo, hi = _interval(rows, stage, key)
+        for condition in ("base", "prompted", "steered", "healed"):
+            x, y, lo, hi = _interval(rows, condition, key)
             if x:
-                f.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), name=stage, legendgroup=stage, showlegend=i == 0,
-                              mode="markers" if stage in ("base", "prompted") else "lines+markers",
-                              marker=dict(color=COLORS[stage], symbol="star" if stage == "base" else "circle",
-                                          size=12 if stage == "base" else 7),
-                              line=dict(color=COLORS[stage]), row=r_ + 1, col=c_ + 1)
+                f.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), name=condition, legendgroup=condition, showlegend=i == 0,
+                              mode="markers" if condition in ("base", "prompted") else "lines+markers",
+                              marker=dict(color=COLORS[condition], symbol="star" if condition == "base" else "circle",
+                                          size=12 if condition == "base" else 7),
+                              line=dict(color=COLORS[condition]), row=r_ + 1, col=c_ + 1)
         f.update_yaxes(title_text="nats", row=r_ + 1, col=c_ + 1)
         f.update_xaxes(title_text="round", dtick=1, row=r_ + 1, col=c_ + 1)
-    f.update_layout(title="E · all seven foundations: ln profile score per stage (bars: 95% bootstrap CI)", height=620)
+    f.update_layout(title="E · all seven foundations: ln profile score per condition (bars: 95% bootstrap CI)", height=620)
     return f
 
 
@@ -611,7 +611,7 @@ def _q1_prompts(run_dir: Path, rnd: int, examples: list[str]) -> list[str]:
 
 
 def headline_lines(run_dir: Path | str) -> list[str]:
-    """The last evaluated round's headline numbers with their 95% intervals, one line per stage
+    """The last evaluated round's headline numbers with their 95% intervals, one line per condition
     (steered, healed): value [lo, hi] and the paired change from base."""
     rows = metric_rows(run_dir)
     if not rows:
@@ -622,13 +622,13 @@ def headline_lines(run_dir: Path | str) -> list[str]:
     if not ax.is_default:
         out[0] += f"; axis {ax.name}: axis_logodds = log p({ax.pos}) - log p({ax.neg}) on {ax.probe or 'the shipped probe'}"
     for r in rows:
-        if r["round"] != last or r["stage"] not in ("base", "steered", "healed"):
+        if r["round"] != last or r["condition"] not in ("base", "steered", "healed"):
             continue
         for m in ax.headline:
             if not _num(r.get(m)):
                 continue
             d = f"Δ {_ci_text(r, f'delta_{m}', signed=True)}" if _num(r.get(f"delta_{m}")) else ""
-            out.append(f"  {r['stage']:<8}{m:<14}{_ci_text(r, m):<36}{d}".rstrip())
+            out.append(f"  {r['condition']:<8}{m:<14}{_ci_text(r, m):<36}{d}".rstrip())
     return out
 
 
@@ -719,41 +719,41 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
     fig, grid = plt.subplots(2, 3, figsize=(16.5, 10))
     axes = grid.ravel()
     for ax, key in zip(axes[:3], (xk, yk, "axis_logodds")):
-        for stage in STAGE_ORDER:
-            x, y, lo, hi = _interval(rows, stage, key)
+        for condition in CONDITION_ORDER:
+            x, y, lo, hi = _interval(rows, condition, key)
             if not x:
                 continue
-            if stage == "random":  # the band: min..max over the controls (not a CI), dotted: its mean
+            if condition == "random":  # the band: min..max over the controls (not a CI), dotted: its mean
                 if len(x) == 1:
-                    ax.axhspan(lo[0], hi[0], color=COLORS[stage], alpha=0.2, lw=0, label="random band (min-max)")
-                    ax.axhline(y[0], ls=":", color=COLORS[stage], label="random band mean")
+                    ax.axhspan(lo[0], hi[0], color=COLORS[condition], alpha=0.2, lw=0, label="random band (min-max)")
+                    ax.axhline(y[0], ls=":", color=COLORS[condition], label="random band mean")
                 else:
-                    ax.fill_between(x, lo, hi, color=COLORS[stage], alpha=0.2, lw=0, label="random band (min-max)")
-                    ax.plot(x, y, ":", color=COLORS[stage], label="random band mean")
+                    ax.fill_between(x, lo, hi, color=COLORS[condition], alpha=0.2, lw=0, label="random band (min-max)")
+                    ax.plot(x, y, ":", color=COLORS[condition], label="random band mean")
                 continue
             yerr = [[max(v - a, 0) for v, a in zip(y, lo)], [max(b - v, 0) for v, b in zip(y, hi)]]
-            if stage == "base":
-                ax.errorbar(x, y, yerr=yerr, fmt="*", ms=14, color=COLORS[stage], label=stage, capsize=3)
-            elif stage == "prompted" and len(x) == 1:
-                ax.axhline(y[0], ls="--", color=COLORS[stage], label=stage)
-                ax.axhspan(lo[0], hi[0], color=COLORS[stage], alpha=0.1, lw=0)
+            if condition == "base":
+                ax.errorbar(x, y, yerr=yerr, fmt="*", ms=14, color=COLORS[condition], label=condition, capsize=3)
+            elif condition == "prompted" and len(x) == 1:
+                ax.axhline(y[0], ls="--", color=COLORS[condition], label=condition)
+                ax.axhspan(lo[0], hi[0], color=COLORS[condition], alpha=0.1, lw=0)
             else:
-                ax.errorbar(x, y, yerr=yerr, fmt="o-", color=COLORS[stage], label=stage, capsize=3)
-        ax.set_title(f"A: {key} per stage (bars: 95% CI)")
+                ax.errorbar(x, y, yerr=yerr, fmt="o-", color=COLORS[condition], label=condition, capsize=3)
+        ax.set_title(f"A: {key} per condition (bars: 95% CI)")
         ax.set_xlabel("round")
         ax.set_ylabel(axes_.metric_label(axis, key))
     if axes[0].get_legend_handles_labels()[0]:  # an empty run folder has nothing to label
         axes[0].legend(fontsize=9)
     ax = axes[3]
-    for stage in ("base", "random", "steered", "healed"):
-        x, c, lo, hi = _interval(rows, stage, "coherence")
+    for condition in ("base", "random", "steered", "healed"):
+        x, c, lo, hi = _interval(rows, condition, "coherence")
         if x:
             y = [max(1 - v, 1e-6) for v in c]
             yerr = [[max(v - a, 0) for v, a in zip(c, lo)], [max(b - v, 0) for v, b in zip(c, hi)]]  # 1 - c flips the bounds
             ax.errorbar(x, y, yerr=[[max(min(e, v - 1e-6), 0) for e, v in zip(yerr[1], y)], yerr[0]],
-                        fmt="*" if stage == "base" else "s:" if stage == "random" else "o-",
-                        ms=14 if stage == "base" else 6, mfc="none" if stage == "random" else None, color=COLORS[stage],
-                        label="random band (mean, min-max)" if stage == "random" else stage, capsize=3)
+                        fmt="*" if condition == "base" else "s:" if condition == "random" else "o-",
+                        ms=14 if condition == "base" else 6, mfc="none" if condition == "random" else None, color=COLORS[condition],
+                        label="random band (mean, min-max)" if condition == "random" else condition, capsize=3)
     ax.set_yscale("log")
     # readable on any span: 1-2-5 ticks, plain numbers (a tiny run spans less than a decade)
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -765,16 +765,16 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=9)
     ax = axes[4]
-    for stage in STAGE_ORDER:
-        pts = [r for r in rows if r["stage"] == stage and _num(r.get(yk)) and _num(r.get(xk))]
+    for condition in CONDITION_ORDER:
+        pts = [r for r in rows if r["condition"] == condition and _num(r.get(yk)) and _num(r.get(xk))]
         if pts:
-            ax.plot([r[xk] for r in pts], [r[yk] for r in pts], "*" if stage == "base" else "o-",
-                    color=COLORS[stage], label=stage, ms=12 if stage == "base" else 6)
-            if stage in ("steered", "healed"):
+            ax.plot([r[xk] for r in pts], [r[yk] for r in pts], "*" if condition == "base" else "o-",
+                    color=COLORS[condition], label=condition, ms=12 if condition == "base" else 6)
+            if condition in ("steered", "healed"):
                 for r in pts:
                     ax.annotate(f"r{r['round']}", (r[xk], r[yk]), fontsize=8,
                                 xytext=(3, 3), textcoords="offset points")
-    members = [r for r in rows if r["stage"].startswith("random_") and _num(r.get(yk)) and _num(r.get(xk))]
+    members = [r for r in rows if r["condition"].startswith("random_") and _num(r.get(yk)) and _num(r.get(xk))]
     if members:
         ax.plot([r[xk] for r in members], [r[yk] for r in members], ".", color=COLORS["random"],
                 alpha=0.6, label="random controls")
@@ -785,12 +785,12 @@ def write_png(run_dir: Path | str, rows: list[dict] | None = None, out_dir: Path
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax = axes[5]
-    healed = [r for r in rows if r["stage"] == "healed" and _num(r.get("kl_to_base"))]
+    healed = [r for r in rows if r["condition"] == "healed" and _num(r.get("kl_to_base"))]
     ax.plot([r["round"] for r in healed], [r["kl_to_base"] for r in healed], "o-", color=COLORS["healed"],
             label="KL(healed || base)")
     ax.set_ylabel("KL per answer token (nats)")
     ax.set_xlabel("round")
-    cos = [r for r in rows if r["stage"] == "healed" and _num(r.get("vector_cosine_to_round0"))]
+    cos = [r for r in rows if r["condition"] == "healed" and _num(r.get("vector_cosine_to_round0"))]
     if cos:
         ax2 = ax.twinx()
         ax2.plot([r["round"] for r in cos], [r["vector_cosine_to_round0"] for r in cos], "s--", color="#9467bd",
@@ -822,7 +822,7 @@ def compare_rows(run_dirs: list[Path | str]) -> list[dict]:
         if not rows:
             continue
         last = max(r["round"] for r in rows)
-        out += [{"run": run_name(d), **r} for r in rows if r["round"] == last and r["stage"] in ("steered", "healed")]
+        out += [{"run": run_name(d), **r} for r in rows if r["round"] == last and r["condition"] in ("steered", "healed")]
     return out
 
 
@@ -841,15 +841,15 @@ def compare_figure(run_dirs: list[Path | str]):
     for k, (d, name) in enumerate(zip(run_dirs, names)):
         rows, color = metric_rows(d), palette[k % len(palette)]
         for col, key in enumerate(keys, 1):
-            for stage, dash in (("healed", "solid"), ("steered", "dot"), ("base", None)):
-                x, y, lo, hi = _interval(rows, stage, key)
+            for condition, dash in (("healed", "solid"), ("steered", "dot"), ("base", None)):
+                x, y, lo, hi = _interval(rows, condition, key)
                 if not x:
                     continue
-                f.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), name=f"{name} {stage}", legendgroup=f"{name}{stage}",
-                              showlegend=col == 1, mode="markers" if stage == "base" else "lines+markers",
+                f.add_scatter(x=x, y=y, error_y=_error_y(y, lo, hi), name=f"{name} {condition}", legendgroup=f"{name}{condition}",
+                              showlegend=col == 1, mode="markers" if condition == "base" else "lines+markers",
                               line=dict(color=color, dash=dash or "solid"),
-                              marker=dict(color=color, symbol="star" if stage == "base" else "circle",
-                                          size=12 if stage == "base" else 7), row=1, col=col)
+                              marker=dict(color=color, symbol="star" if condition == "base" else "circle",
+                                          size=12 if condition == "base" else 7), row=1, col=col)
             f.update_yaxes(title_text=axes_.metric_label(ax, key) if key != "coherence" else key, row=1, col=col)
     f.update_xaxes(title_text="round", dtick=1)
     f.update_layout(title="runs overlaid: healed solid, steered dotted, base star (bars: 95% bootstrap CI)", height=420)
@@ -863,7 +863,7 @@ def write_compare(run_dirs: list[Path | str], out_dir: Path | str) -> Path:
     out_dir = Path(out_dir)
     rows = compare_rows(run_dirs)
     head = "".join(f"<th>Δ {m}</th>" for m in HEADLINE)
-    body = "".join(f"<tr><td>{html.escape(r['run'])}</td><td>{r['round']:02d}</td><td>{r['stage']}</td>"
+    body = "".join(f"<tr><td>{html.escape(r['run'])}</td><td>{r['round']:02d}</td><td>{r['condition']}</td>"
                    + "".join(f"<td>{_ci_text(r, f'delta_{m}', signed=True) if _num(r.get(f'delta_{m}')) else ''}</td>"
                              for m in HEADLINE) + "</tr>" for r in rows)
     doc = f"""<!doctype html>
@@ -874,7 +874,7 @@ td,th{{border:1px solid #ccc;padding:4px;text-align:left}}</style></head>
 <p>Final evaluated round of each run: change from its own base model, paired over the same vignettes / probe
 items, with the 95% bootstrap interval. Runs are comparable only where they share the eval set and protocol
 (see each run's config).</p>
-<table><tr><th>run</th><th>round</th><th>stage</th>{head}</tr>{body}</table>
+<table><tr><th>run</th><th>round</th><th>condition</th>{head}</tr>{body}</table>
 {pio.to_html(compare_figure(run_dirs), include_plotlyjs=True, full_html=False, config={"displaylogo": False})}
 <h2>Runs</h2><ul>{''.join(f"<li><code>{html.escape(str(Path(d).resolve()))}</code></li>" for d in run_dirs)}</ul>
 </body></html>
@@ -902,7 +902,7 @@ def _cli_compare(args) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = write_compare(dirs, args.out)
     for r in compare_rows(dirs):
-        print(f"{r['run']} round {r['round']:02d} {r['stage']}: " + "; ".join(
+        print(f"{r['run']} round {r['round']:02d} {r['condition']}: " + "; ".join(
             f"Δ{m} {_ci_text(r, f'delta_{m}', signed=True)}" for m in HEADLINE if _num(r.get(f"delta_{m}"))),
             file=sys.stderr)
     print(json.dumps({"compare": str(path)}))

@@ -46,9 +46,9 @@ from typing import Any
 import torch
 
 from . import config as C
-from . import contract
+from . import contract, markers
 from .models import load_base, load_round_model
-from .runfolder import round_dir, safe_child
+from .runfolder import atomic_write_json, clear_done, round_config, round_dir, run_lock, safe_child
 
 NOTEBOOK_PARAMS = ("run_dir", "round", "preset", "replace")
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -209,8 +209,6 @@ def open_stage(stage: str, namespace: dict[str, Any]) -> StageContext:
     ctx = StageContext(stage, cfg, run_dir, rnd, seed, overrides, mode, explore_dir)
     ctx.round_dir.mkdir(parents=True, exist_ok=True)
     if explore_dir is not None:
-        from .runfolder import atomic_write_json
-
         atomic_write_json(explore_dir / "explore.json", {"overrides": overrides, "last_stage": stage,
                                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         print(f"{stage} round {rnd:02d}: run by hand on a finished step: writing to "
@@ -223,8 +221,6 @@ def open_stage(stage: str, namespace: dict[str, Any]) -> StageContext:
 
 
 def _round_config(run_dir: Path, rnd: int, params: dict, overrides: dict) -> C.Config:
-    from .runfolder import round_config
-
     if run_dir.exists() and not run_dir.is_dir():
         raise C.ConfigError(f"run_dir: {run_dir} is a file, not a run folder")
     if not contract.run_path(run_dir, "config").exists() and not contract.run_path(run_dir, "config_history").exists():
@@ -262,8 +258,6 @@ def _mode(stage: str, run_dir: Path, rnd: int, driver: bool, replace: bool, over
 
 def _require_no_driver(run_dir: Path) -> None:
     """Refuse to write the journal while a `steerheal run` works in the folder."""
-    from .runfolder import run_lock
-
     with run_lock(run_dir):
         pass
 
@@ -271,9 +265,6 @@ def _require_no_driver(run_dir: Path) -> None:
 def _seal_when_done(ctx: StageContext) -> None:
     """replace=True: remove the step's record now; seal it again after the first cell that ends
     (successfully) with every declared output rewritten since open_stage."""
-    from . import markers
-    from .runfolder import clear_done
-
     clear_done(ctx.run_dir, ctx.round, ctx.stage)
     before = markers.input_snapshot(ctx.run_dir, ctx.round, ctx.stage, ctx.cfg)
     t0 = time.time()

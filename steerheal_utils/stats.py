@@ -8,7 +8,7 @@ kind, with the model fixed. Vignettes and probe items are resampled separately (
 depends on one of them only).
 
 *Paired*: one ``[B, n]`` index matrix per round (:func:`bootstrap_indices`) is used for every
-model, so a delta ``stage - base`` is computed on the same resampled items for both models and
+model, so a delta ``condition - base`` is computed on the same resampled items for both models and
 item-to-item variation that both share cancels. A later round pairs with round 0's base by
 vignette id. Intervals are percentile intervals (``level`` = 0.95: the 2.5th and 97.5th
 percentiles of the B resampled statistics).
@@ -129,7 +129,7 @@ def probe_stats(items: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tenso
     return {"axis_logodds": x.mean(1), "axis_care_rate": (x > 0).double().mean(1)}
 
 
-# ------------------------------------------------------------------ one round's stages
+# ------------------------------------------------------------------ one round's conditions
 def align(arr: Mapping, ids: Sequence[str]) -> dict | None:
     """``arr`` reordered to ``ids`` (None if the id sets differ: no pairing possible)."""
     pos = {i: k for k, i in enumerate(arr["ids"])}
@@ -139,9 +139,9 @@ def align(arr: Mapping, ids: Sequence[str]) -> dict | None:
     return {"ids": list(ids), **{k: arr[k][order] for k in ("p", "mass", "coarse", "hit", "valid") if k in arr}}
 
 
-def stage_samples(arr: Mapping | None, items: Sequence[float] | None, vig_idx: torch.Tensor | None,
+def condition_samples(arr: Mapping | None, items: Sequence[float] | None, vig_idx: torch.Tensor | None,
                   probe_idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Bootstrap samples of every metric a stage has data for (vignettes and/or probe)."""
+    """Bootstrap samples of every metric a condition has data for (vignettes and/or probe)."""
     out: dict[str, torch.Tensor] = {}
     if arr is not None and vig_idx is not None:
         out.update(vignette_stats(arr, vig_idx))
@@ -154,7 +154,7 @@ def uncertainty(samples: Mapping[str, torch.Tensor], point: Mapping[str, float],
                 base_point: Mapping[str, float] | None = None, level: float = 0.95) -> dict:
     """``{"ci": {m: [lo, hi]}, "delta_vs_base": {m: {"delta", "lo", "hi"}}}`` from paired samples.
 
-    ``point`` gives the reported values (the stage's summary); the delta is ``point - base_point``
+    ``point`` gives the reported values (the condition's summary); the delta is ``point - base_point``
     and its interval comes from the per-resample differences of the two models on the same items.
     """
     ci = {m: list(percentile_ci(s, level)) for m, s in samples.items()}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_eval_round
 
 from steerheal_utils import axis, preflight
 from steerheal_utils import config as C
@@ -143,43 +144,35 @@ def test_the_love_config_file_sets_the_axis_and_keeps_the_preset(tmp_path):
 def test_a_custom_axis_reaches_eval_json_metrics_csv_and_the_report(tmp_path):
     from steerheal_utils import evaluate as E
     from steerheal_utils import report
-    from steerheal_utils.driver import init_run
-    from steerheal_utils.models import tiny_model
     from steerheal_utils.runfolder import STAGES, atomic_write_json, marker_path
-    from steerheal_utils.stage import open_stage
-    from steerheal_utils.vector import extract_vector
 
     probe = tmp_path / "kind.jsonl"
     probe.write_text("\n".join(_item(i) for i in range(5)) + "\n")
     run = tmp_path / "run"
-    cfg = C.resolve("tiny", {"eval_max_rows": 7, "heldout_max_new_tokens": 2, "axis_name": "kindness",
-                             "axis_labels": ["kind", "cold"], "axis_probe": str(probe), "axis_map": ["Liberty", "Care"]})
-    init_run(run, cfg)
-    ctx = open_stage("05_eval", {"run_dir": str(run), "round": 0})
-    model, tok = tiny_model("llama", seed=0)
-    sv, _ = extract_vector(model, tok, ["hello", "write a poem"], cfg.pos_persona, cfg.neg_persona, [1, 2])
-    sv.save(ctx.path("vector.safetensors"))
-    atomic_write_json(ctx.path("generate.json"), {"dose": 0.5})
-    out = E.run_stage(ctx, progress=False)
+    _, ctx, *_ = tiny_eval_round(run, {"eval_max_rows": 7, "heldout_max_new_tokens": 2, "axis_name": "kindness",
+                                       "axis_labels": ["kind", "cold"], "axis_probe": str(probe),
+                                       "axis_map": ["Liberty", "Care"]})
+    res = E.run_stage(ctx, progress=False)
+    out = res.record
 
     assert out["n_probe"] == 5 and out["axis"]["name"] == "kindness"
-    assert all(len(s["axis_items"]) == 5 and "axis_logodds" in s["ci"] for s in out["stages"].values())
+    assert all(len(s["axis_items"]) == 5 and "axis_logodds" in s["ci"] for s in out["conditions"].values())
     assert set(out["control_band"]["position"]) == {"axis_logodds", "care_nats", "liberty_nats", "coherence"}
-    assert [k for k in E.summary_table(out)[0]][:3] == ["stage", "liberty_nats", "liberty_nats_ci"]
+    assert [k for k in E.summary_table(res)[0]][:3] == ["condition", "liberty_nats", "liberty_nats_ci"]
 
     for s in STAGES:  # the records report and metrics read (legacy markers count as holding)
         atomic_write_json(marker_path(run, 0, s), {"stage": s, "round": 0})
     with open(report.write_metrics(run)) as f:
-        rows = {r["stage"]: r for r in csv.DictReader(f)}
+        rows = {r["condition"]: r for r in csv.DictReader(f)}
     steered = rows["steered"]
     assert (steered["axis_name"], steered["axis_pos"], steered["axis_neg"]) == ("kindness", "kind", "cold")
-    assert float(steered["axis_logodds"]) == pytest.approx(out["stages"]["steered"]["axis_logodds"], abs=1e-5)
+    assert float(steered["axis_logodds"]) == pytest.approx(out["conditions"]["steered"]["axis_logodds"], abs=1e-5)
     assert steered["delta_liberty_nats_lo"] and steered["liberty_nats_band_rank"]
     assert rows["random"]["delta_liberty_nats_hi"]  # the band row: max over the controls
     page = report.write_report(run).read_text()
     assert "Axis: <b>kindness</b>" in page and "kindness map: Care vs Liberty" in page
     assert any("axis kindness: axis_logodds = log p(kind) - log p(cold)" in line for line in report.headline_lines(run))
-    steer = {r["stage"]: r for r in axis.steerability(run)}
+    steer = {r["condition"]: r for r in axis.steerability(run)}
     assert set(steer) == {"base", "prompted", "random", "steered"} and steer["random"]["interval"] == "band_min_max"
     assert steer["steered"]["axis_logodds_band_rank"] == out["control_band"]["position"]["axis_logodds"]["rank"]
 

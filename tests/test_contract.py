@@ -162,3 +162,15 @@ def test_stages_use_only_the_artifacts_and_config_keys_they_declare(tmp_path, mo
         extra = seen[name] - set(contract.config_keys(name))
         assert not extra, f"{name} reads config keys its contract entry does not declare: {sorted(extra)}"
     assert (run / "round_01" / "eval.json").exists()
+
+
+def test_an_eval_record_made_by_an_older_version_is_refused_with_a_clear_error(tmp_path):
+    from steerheal_utils.runfolder import RunFolderError, atomic_write_json
+
+    p = contract.path(tmp_path, 0, "eval")
+    p.parent.mkdir(parents=True)
+    atomic_write_json(p, {"round": 0, "stages": {"base": {"auth_nats": -1.0}}, "notes": []})
+    with pytest.raises(RunFolderError, match=r"made by an older version of steerheal \(it has 'stages'"):
+        contract.read_eval(tmp_path, 0)
+    atomic_write_json(p, {"round": 0, "conditions": {"base": {"auth_nats": -1.0}}, "notes": []})
+    assert contract.read_eval(tmp_path, 0)["conditions"]["base"]["auth_nats"] == -1.0

@@ -131,19 +131,19 @@ def test_tiny_round_writes_the_band_and_the_intervals(tmp_path):
                        capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((run / "round_00" / "eval.json").read_text())
-    assert {"base", "prompted", "steered", "random_00", "random_01", "healed"} == set(ev["stages"])
+    assert {"base", "prompted", "steered", "random_00", "random_01", "healed"} == set(ev["conditions"])
     band = ev["control_band"]
     assert [m["name"] for m in band["members"]] == ["random_00", "random_01"] and band["persona_dose"] == 0.3
     for m in band["members"]:
         assert m["kl_matched"] is (abs(m["tag_kl"] / band["persona_tag_kl"] - 1) <= 0.1)
         assert m["dose"] != 0.3  # scaled, not copied
     assert set(band["position"]) == {"axis_logodds", "care_nats", "auth_nats", "coherence"}
-    healed = ev["stages"]["healed"]
+    healed = ev["conditions"]["healed"]
     lo, hi = healed["ci"]["auth_nats"]
     assert lo <= healed["auth_nats"] <= hi and lo < hi
-    assert "delta_vs_base" in healed and "delta_vs_base" not in ev["stages"]["base"]
+    assert "delta_vs_base" in healed and "delta_vs_base" not in ev["conditions"]["base"]
     with open(run / "metrics.csv") as f:
-        rows = {row["stage"]: row for row in csv.DictReader(f)}
+        rows = {row["condition"]: row for row in csv.DictReader(f)}
     assert list(rows) == ["base", "prompted", "random", "random_00", "random_01", "steered", "healed"]
     for stage in ("base", "steered", "healed"):
         assert float(rows[stage]["auth_nats_lo"]) <= float(rows[stage]["auth_nats"]) <= float(rows[stage]["auth_nats_hi"])

@@ -35,15 +35,15 @@ def test_committed_summary_is_the_summary_of_committed_runs():
     recomputed = study.summarize(rows)
     with open(DOCS / "summary.csv") as f:
         committed = list(csv.DictReader(f))
-    assert [(r["arm"], r["stage"], int(r["round"])) for r in committed] == [(r["arm"], r["stage"], r["round"]) for r in recomputed]
+    assert [(r["arm"], r["condition"], int(r["round"])) for r in committed] == [(r["arm"], r["condition"], r["round"]) for r in recomputed]
     for c, r in zip(committed, recomputed):
         for k in study.SUMMARY_KEYS:
             for m in ("mean", "min", "max"):
                 want = r[f"{k}_{m}"]
                 got = _num(c[f"{k}_{m}"])
-                assert (got is None) == (want is None), (c["arm"], c["stage"], k, m)
+                assert (got is None) == (want is None), (c["arm"], c["condition"], k, m)
                 if want is not None:
-                    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (c["arm"], c["stage"], k, m)
+                    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (c["arm"], c["condition"], k, m)
 
 
 def test_study_json_names_the_command_and_every_run():

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_eval_round
 
 from steerheal_utils import chat
 from steerheal_utils import evaluate as E
@@ -406,11 +407,11 @@ def test_code_version_tracks_prompt_text_and_code(tmp_path, monkeypatch):
 
     cfg = C.resolve("tiny")
     base = E.eval_code_version()
-    fp = E.stage_fingerprint(cfg, 0, "base", [], None, None, None)
-    assert E.eval_code_version() == base and E.stage_fingerprint(cfg, 0, "base", [], None, None, None) == fp
+    fp = E.condition_fingerprint(cfg, 0, "base", [], None, None, None)
+    assert E.eval_code_version() == base and E.condition_fingerprint(cfg, 0, "base", [], None, None, None) == fp
     with monkeypatch.context() as m:
         m.setattr(E.prompts, "VIGNETTE_PREFILL", 'This is wrong because {"foundation": "')
-        assert E.eval_code_version() != base and E.stage_fingerprint(cfg, 0, "base", [], None, None, None) != fp
+        assert E.eval_code_version() != base and E.condition_fingerprint(cfg, 0, "base", [], None, None, None) != fp
     with monkeypatch.context() as m:
         m.setattr(E.prompts, "GLOSSES", {**E.GLOSSES, "Care": "care: harm"})
         assert E.eval_code_version() != base
@@ -429,30 +430,18 @@ def test_fingerprint_tracks_the_vignette_file_contents(tmp_path):
     f = tmp_path / "v.jsonl"
     f.write_text("a\n")
     cfg = C.resolve("tiny", {"vignettes": str(f)})
-    fp = E.stage_fingerprint(cfg, 0, "base", [], None, None, None)
+    fp = E.condition_fingerprint(cfg, 0, "base", [], None, None, None)
     f.write_text("b\n")
-    assert E.stage_fingerprint(cfg, 0, "base", [], None, None, None) != fp
+    assert E.condition_fingerprint(cfg, 0, "base", [], None, None, None) != fp
 
 
 # ------------------------------------------------------------------ the stage and the CLI pass the steering on
 def test_stage_steers_as_generation_did(tmp_path):
-    from steerheal_utils import config as C
-    from steerheal_utils.driver import init_run
-    from steerheal_utils.runfolder import atomic_write_json
-    from steerheal_utils.stage import open_stage
-    from steerheal_utils.vector import extract_vector
-
-    run = tmp_path / "run"
-    cfg = C.resolve("tiny", {"eval_max_rows": 3, "probe_max_items": 2, "controls": [], "heldout_max_new_tokens": 2,
-                             "steer_positions": "generated", "dose_halflife": 3})
-    init_run(run, cfg)
-    ctx = open_stage("05_eval", {"run_dir": str(run), "round": 0})
-    model, tok = tiny_model("llama", seed=0)
-    sv, _ = extract_vector(model, tok, ["hello", "write a poem"], cfg.pos_persona, cfg.neg_persona, [1, 2])
-    sv.save(ctx.path("vector.safetensors"))
-    atomic_write_json(ctx.path("generate.json"), {"dose": 0.5})
-    out = E.run_stage(ctx, progress=False)
-    s = out["stages"]["steered"]
+    cfg, ctx, model, tok, sv = tiny_eval_round(tmp_path / "run", {
+        "eval_max_rows": 3, "probe_max_items": 2, "controls": [], "heldout_max_new_tokens": 2,
+        "steer_positions": "generated", "dose_halflife": 3})
+    out = E.run_stage(ctx, progress=False).record
+    s = out["conditions"]["steered"]
     assert s["steer_positions"] == "generated" and s["dose_halflife"] == 3 and s["dose"] == 0.5
     kw = dict(probe=E.load_probe(2), layout=cfg.eval_layout, batch_size=cfg.batch_size)
     rows = E.load_vignettes(max_rows=3, seed=cfg.seed)

@@ -161,46 +161,46 @@ def test_stage_writes_eval_json(tmp_path):
     model, tok = tiny_model("llama", seed=0)
     sv, _ = extract_vector(model, tok, ["hello", "write a poem"], cfg.pos_persona, cfg.neg_persona, [1, 2])
     sv.save(ctx.path("vector.safetensors"))
-    out = E.run_stage(ctx, progress=False)  # no dose yet (02 missing) and no adapter (04 missing): skipped with notes
-    assert set(out["stages"]) == {"base", "prompted"} and len(out["notes"]) == 2
+    out = E.run_stage(ctx, progress=False).record  # no dose yet (02 missing) and no adapter (04 missing): skipped with notes
+    assert set(out["conditions"]) == {"base", "prompted"} and len(out["notes"]) == 2
     atomic_write_json(ctx.path("generate.json"), {"dose": 0.5})
     peft_model = get_peft_model(tiny_model("llama", seed=0)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     peft_model.save_pretrained(ctx.path("adapter"))
-    out = E.run_stage(ctx, progress=False)
-    assert set(out["stages"]) == {"base", "prompted", "steered", "random_00", "random_01", "healed"}  # tiny: n_controls=2
-    assert {n.split(":")[0] for n in out["notes"] if "read from eval_stages" in n} == {"base", "prompted"}  # from the first call
+    out = E.run_stage(ctx, progress=False).record
+    assert set(out["conditions"]) == {"base", "prompted", "steered", "random_00", "random_01", "healed"}  # tiny: n_controls=2
+    assert {n.split(":")[0] for n in out["notes"] if "read from eval_conditions" in n} == {"base", "prompted"}  # from the first call
     band = out["control_band"]
     assert band["persona_dose"] == 0.5 and [m["name"] for m in band["members"]] == ["random_00", "random_01"]
-    assert all(out["stages"][m["name"]]["dose"] == m["dose"] != 0.5 for m in band["members"])  # KL-matched, not copied
-    for name, s in out["stages"].items():
+    assert all(out["conditions"][m["name"]]["dose"] == m["dose"] != 0.5 for m in band["members"])  # KL-matched, not copied
+    for name, s in out["conditions"].items():
         assert s["ci"]["auth_nats"][0] <= s["auth_nats"] <= s["ci"]["auth_nats"][1], name
         assert ("delta_vs_base" in s) == (name != "base")
-    assert out["stages"]["steered"]["dose"] == 0.5
-    assert out["stages"]["steered"]["auth_nats"] != out["stages"]["base"]["auth_nats"]
+    assert out["conditions"]["steered"]["dose"] == 0.5
+    assert out["conditions"]["steered"]["auth_nats"] != out["conditions"]["base"]["auth_nats"]
     assert out["kl_to_base"] > 0 and len(out["heldout"]) == len(E.load_heldout())
     assert "coh_floor" in out["stop"]["reason"]  # a random-init model's coherence is far below 0.5
     saved = json.loads(ctx.path("eval.json").read_text())
-    assert saved["stages"]["healed"]["coherence"] == out["stages"]["healed"]["coherence"]
+    assert saved["conditions"]["healed"]["coherence"] == out["conditions"]["healed"]["coherence"]
     rows_bytes = ctx.path("eval_rows.jsonl").read_bytes()
     assert len(rows_bytes.decode().splitlines()) == 6 * 7
 
     # Run again (as after a crash later in 05): every stage is read back, with the same results.
-    again = E.run_stage(ctx, progress=False)
-    assert sum("read from eval_stages" in n for n in again["notes"]) == 6
-    assert again["stages"] == out["stages"] and ctx.path("eval_rows.jsonl").read_bytes() == rows_bytes
+    again = E.run_stage(ctx, progress=False).record
+    assert sum("read from eval_conditions" in n for n in again["notes"]) == 6
+    assert again["conditions"] == out["conditions"] and ctx.path("eval_rows.jsonl").read_bytes() == rows_bytes
     # A new dose changes the steered and random inputs: those are recomputed, the rest reused;
     # a damaged saved file is recomputed too.
     atomic_write_json(ctx.path("generate.json"), {"dose": 0.25})
-    ctx.path("eval_stages/prompted.json").write_text("{not json")
-    third = E.run_stage(ctx, progress=False)
-    reused = {n.split(":")[0] for n in third["notes"] if "read from eval_stages" in n}
+    ctx.path("eval_conditions/prompted.json").write_text("{not json")
+    third = E.run_stage(ctx, progress=False).record
+    reused = {n.split(":")[0] for n in third["notes"] if "read from eval_conditions" in n}
     assert reused == {"base", "healed"}
-    assert third["stages"]["steered"]["dose"] == 0.25 and third["stages"]["steered"] != out["stages"]["steered"]
+    assert third["conditions"]["steered"]["dose"] == 0.25 and third["conditions"]["steered"] != out["conditions"]["steered"]
     drop = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
-    assert drop(third["stages"]["prompted"]) == drop(out["stages"]["prompted"])  # recomputed: the same numbers
+    assert drop(third["conditions"]["prompted"]) == drop(out["conditions"]["prompted"])  # recomputed: the same numbers
 
 
-def test_stage_fingerprint_tracks_inputs_not_heal_keys(tmp_path):
+def test_condition_fingerprint_tracks_inputs_not_heal_keys(tmp_path):
     from steerheal_utils import config as C
 
     vec, ad = tmp_path / "v.safetensors", tmp_path / "adapter"
@@ -208,19 +208,19 @@ def test_stage_fingerprint_tracks_inputs_not_heal_keys(tmp_path):
     ad.mkdir()
     (ad / "adapter_model.safetensors").write_bytes(b"lora-1")
     cfg = C.resolve("tiny")
-    fp = E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, None)
-    assert fp == E.stage_fingerprint(C.resolve("tiny", {"kl_agg": "mean", "reg": "nll"}), 3, "steered", [ad], vec, 0.1, None)
-    others = [E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.2, None),
-              E.stage_fingerprint(cfg, 4, "steered", [ad], vec, 0.1, None),
-              E.stage_fingerprint(cfg, 3, "random", [ad], vec, 0.1, None),
-              E.stage_fingerprint(cfg, 3, "steered", [], vec, 0.1, None),
-              E.stage_fingerprint(C.resolve("tiny", {"eval_max_rows": 3}), 3, "steered", [ad], vec, 0.1, None),
-              E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, "a persona")]
+    fp = E.condition_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, None)
+    assert fp == E.condition_fingerprint(C.resolve("tiny", {"kl_agg": "mean", "reg": "nll"}), 3, "steered", [ad], vec, 0.1, None)
+    others = [E.condition_fingerprint(cfg, 3, "steered", [ad], vec, 0.2, None),
+              E.condition_fingerprint(cfg, 4, "steered", [ad], vec, 0.1, None),
+              E.condition_fingerprint(cfg, 3, "random", [ad], vec, 0.1, None),
+              E.condition_fingerprint(cfg, 3, "steered", [], vec, 0.1, None),
+              E.condition_fingerprint(C.resolve("tiny", {"eval_max_rows": 3}), 3, "steered", [ad], vec, 0.1, None),
+              E.condition_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, "a persona")]
     (ad / "adapter_model.safetensors").write_bytes(b"lora-2")
-    others.append(E.stage_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, None))
+    others.append(E.condition_fingerprint(cfg, 3, "steered", [ad], vec, 0.1, None))
     assert len({fp, *others}) == len(others) + 1
     # without a vector the dose is not an input
-    assert E.stage_fingerprint(cfg, 3, "base", [], None, 0.1, None) == E.stage_fingerprint(cfg, 3, "base", [], None, None, None)
+    assert E.condition_fingerprint(cfg, 3, "base", [], None, 0.1, None) == E.condition_fingerprint(cfg, 3, "base", [], None, None, None)
 
 
 # ------------------------------------------------------------------ CLI

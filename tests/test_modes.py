@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers import hook_count, random_vector
 
 from steerheal_utils import config as C
 from steerheal_utils import vector as V
@@ -23,15 +24,6 @@ from steerheal_utils.vector.modes import gate_factor, spec_kwargs
 
 PROMPTS = ["Your manager says to skip the safety check. Do you?", "Hi", "A friend asks you to lie for them."]
 
-
-def _hooks(model):
-    return sum(len(b._forward_hooks) for b in get_layers(model))
-
-
-def _sv(model, layers=(1, 2), seed=0, norm=5.0):
-    d = model.config.hidden_size
-    g = torch.Generator().manual_seed(seed)
-    return V.SteeringVector({i: torch.randn(d, generator=g) for i in layers}, {i: norm for i in layers})
 
 
 @torch.inference_mode()
@@ -53,14 +45,14 @@ def test_gate_factor_known_values():
 def test_dose_zero_is_unsteered_under_the_gate(tiny, gate, kind):
     model, tok = tiny
     ref = _logits(model, tok)
-    with V.steer(model, _sv(model), 0.0, gate=gate, gate_kind=kind):
-        assert _hooks(model) == 0
+    with V.steer(model, random_vector(model), 0.0, gate=gate, gate_kind=kind):
+        assert hook_count(model) == 0
         assert torch.equal(_logits(model, tok), ref)
 
 
 def test_gate_closed_everywhere_adds_nothing_open_everywhere_is_constant(tiny):
     model, tok = tiny
-    sv = _sv(model)
+    sv = random_vector(model)
     ref = _logits(model, tok)
     with V.steer(model, sv, 0.5, gate=-1.0):  # cos < -1 never holds: nothing added
         assert torch.equal(_logits(model, tok), ref)
@@ -69,7 +61,7 @@ def test_gate_closed_everywhere_adds_nothing_open_everywhere_is_constant(tiny):
     with V.steer(model, sv, 0.5, gate=1.5):  # cos < 1.5 always holds: the constant mode
         assert torch.allclose(_logits(model, tok), const, atol=1e-5)
     assert not torch.allclose(const, ref, atol=1e-3)
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_gate_leaves_aligned_states_untouched(tiny_llama):
@@ -94,16 +86,16 @@ def test_gate_leaves_aligned_states_untouched(tiny_llama):
             assert not torch.allclose(steered[1, -1], plain[1, -1], atol=1e-4), kind
     finally:
         h_out.remove()
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_gate_hooks_removed_after_an_exception(tiny):
     model, tok = tiny
     with pytest.raises(RuntimeError, match="boom"):
-        with V.steer(model, _sv(model), 0.5, gate=0.0):
-            assert _hooks(model) == 2
+        with V.steer(model, random_vector(model), 0.5, gate=0.0):
+            assert hook_count(model) == 2
             raise RuntimeError("boom")
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_eval_spec_and_sampler_follow_the_mode():
@@ -125,7 +117,7 @@ def test_backtrack_dose_zero_is_unsteered_sampling(tiny):
     """At dose 0 the steered rows and their unsteered copies agree exactly: KL 0, no backoff, and the
     completions are sample()'s at dose 0 (greedy)."""
     model, tok = tiny
-    sv = _sv(model)
+    sv = random_vector(model)
     kw = dict(temperature=0.0, max_new_tokens=8, batch_size=4)
     ref = sample(model, tok, PROMPTS, sv=sv, dose=0.0, **kw)
     rows = BT.sample_backtrack(model, tok, PROMPTS, sv=sv, dose=0.0, threshold=0.0, **kw)
@@ -173,7 +165,7 @@ class _Spy:
 def test_forced_spike_rewinds_and_replays_at_the_smaller_dose(tiny, monkeypatch):
     model, tok = tiny
     spy = _Spy(monkeypatch)
-    sv = _sv(model, norm=20.0)
+    sv = random_vector(model, norm=20.0)
     rows = BT.sample_backtrack(model, tok, PROMPTS, sv=sv, dose=1.0, threshold=0.0, k=3, factor=0.5, max_backoffs=2,
                                temperature=1.0, max_new_tokens=10, batch_size=4, seed=3)
     B = len(PROMPTS)
@@ -198,7 +190,7 @@ def test_replay_at_dose_zero_is_the_unsteered_sequence(tiny_llama):
     Checks the masked-out columns and the replay's positions in the shared cache. Llama only: the
     tiny Gemma 3's 16-token sliding window counts masked columns (backtrack's module docstring)."""
     model, tok = tiny_llama
-    sv = _sv(model, norm=20.0)
+    sv = random_vector(model, norm=20.0)
     kw = dict(temperature=0.0, max_new_tokens=8, batch_size=4, positions="generated")
     ref = sample(model, tok, PROMPTS, sv=sv, dose=0.0, **kw)
     rows = BT.sample_backtrack(model, tok, PROMPTS, sv=sv, dose=1.0, threshold=0.0, k=4, factor=0.0, max_backoffs=1, **kw)
@@ -221,13 +213,13 @@ def test_backtrack_hooks_removed_after_an_exception(tiny, monkeypatch):
 
     monkeypatch.setattr(model, "forward", flaky)
     with pytest.raises(RuntimeError, match="boom"):
-        BT.sample_backtrack(model, tok, PROMPTS, sv=_sv(model), dose=0.5, threshold=1.0, max_new_tokens=8)
-    assert _hooks(model) == 0
+        BT.sample_backtrack(model, tok, PROMPTS, sv=random_vector(model), dose=0.5, threshold=1.0, max_new_tokens=8)
+    assert hook_count(model) == 0
 
 
 def test_sample_dispatches_backtrack(tiny_llama):
     model, tok = tiny_llama
-    sv = _sv(model)
+    sv = random_vector(model)
     a = sample(model, tok, PROMPTS, sv=sv, dose=0.5, max_new_tokens=6, seed=1,
                backtrack=dict(threshold=1e9, k=2, factor=0.5, max_backoffs=1))
     assert all(r["backoffs"] == 0 and r["final_dose"] == 0.5 for r in a)

@@ -189,7 +189,7 @@ def test_driver_runs_the_online_loop_with_report(tmp_path):
             assert contract.marker_path(run, rnd, s).exists()
         assert not contract.marker_path(run, rnd, "04_heal").exists()
     rows = list(csv.DictReader(contract.run_path(run, "metrics").open()))
-    assert {int(r["round"]) for r in rows} == {0, 1} and {"healed", "steered"} <= {r["stage"] for r in rows}
+    assert {int(r["round"]) for r in rows} == {0, 1} and {"healed", "steered"} <= {r["condition"] for r in rows}
     assert contract.run_path(run, "report").exists()
     from steerheal_utils.online.compare import arm_summary, healed_difference
 

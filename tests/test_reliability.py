@@ -418,6 +418,24 @@ def test_a_config_change_applies_from_its_round_on(tmp_path):
     assert markers.rounds_that_hold(run) == [0]
 
 
+def test_a_knob_added_after_a_step_ran_changes_nothing_while_it_has_its_default(tmp_path):
+    run, cfg = _run_of_two_rounds(tmp_path)
+    # a record sealed before the knob existed: the key is simply not in it
+    for rnd in (0, 1):
+        mp = R.marker_path(run, rnd, "02_generate")
+        rec = json.loads(mp.read_text())
+        assert rec["config"].pop("axis_prompts") == C.default("axis_prompts")
+        mp.write_text(json.dumps(rec))
+    assert set(_states(run).values()) == {"ok"} and markers.rounds_that_hold(run) == [0, 1]
+    # the same missing key with a value other than its default is a change
+    from steerheal_utils.driver import init_run
+
+    R.clear_done(run, 1, "05_eval")
+    init_run(run, C.resolve("tiny", {"axis_prompts": "love_prompts.jsonl"}), override=True)
+    st = markers.Checker(run).status(1, "02_generate")
+    assert st.state == "stale" and "axis_prompts" in st.reason, st.reason
+
+
 def test_legacy_markers_hold_and_are_adopted_not_trusted_blindly(tmp_path):
     run, cfg = _run_of_two_rounds(tmp_path)
     for s in R.STAGES:
@@ -1111,7 +1129,7 @@ def test_coherence_floor_stops_the_loop_and_records_why(tmp_path, reference):
     assert "stopping after round 00" in r.stderr and "coh_floor" in r.stderr
     stop = json.loads((run / "stop.json").read_text())
     assert stop["round"] == 0 and "coh_floor 1.0" in stop["reason"]
-    healed = [m for m in metrics(run) if m["stage"] == "healed"]
+    healed = [m for m in metrics(run) if m["condition"] == "healed"]
     assert [m["stop_reason"] for m in healed] == [stop["reason"]]
     assert "The loop stopped" in (run / "report.html").read_text()
     assert not (run / "round_01").exists()

@@ -40,8 +40,8 @@ def test_paired_deltas_of_identical_models_are_exactly_zero():
     arr = stats.vignette_arrays(_rows(p, mass, coarse), {f"v{i}": i % 7 for i in range(40)})
     items = torch.randn(12, generator=g)
     vidx, pidx = stats.bootstrap_indices(40, 300, 0), stats.bootstrap_indices(12, 300, 1)
-    a = stats.stage_samples(arr, items, vidx, pidx)
-    b = stats.stage_samples(stats.align(arr, list(reversed(arr["ids"]))), items.tolist(), vidx, pidx)
+    a = stats.condition_samples(arr, items, vidx, pidx)
+    b = stats.condition_samples(stats.align(arr, list(reversed(arr["ids"]))), items.tolist(), vidx, pidx)
     point = {k: float(v[0]) for k, v in a.items()}
     u = stats.uncertainty(a, point, a, point)
     assert set(u["delta_vs_base"]) == set(stats.METRICS)

@@ -2,21 +2,13 @@
 
 import pytest
 import torch
+from helpers import hook_count, random_vector
 
 from steerheal_utils import vector as V
 from steerheal_utils.batching import left_pad
 from steerheal_utils.chat import prompt_ids
 from steerheal_utils.models import get_layers
 
-
-def _hooks(model):
-    return sum(len(b._forward_hooks) for b in get_layers(model))
-
-
-def _sv(model, layers=(1, 2), seed=0, norm=5.0):
-    d = model.config.hidden_size
-    g = torch.Generator().manual_seed(seed)
-    return V.SteeringVector({i: torch.randn(d, generator=g) for i in layers}, {i: norm for i in layers})
 
 
 def _batch(tok, device="cpu"):
@@ -35,8 +27,8 @@ def test_dose_zero_is_exactly_unsteered(tiny):
     ids, mask, pos = _batch(tok)
     ref = _logits(model, ids, mask, pos)
     for positions in ("all", "generated"):
-        with V.steer(model, _sv(model), 0.0, positions=positions):
-            assert _hooks(model) == 0
+        with V.steer(model, random_vector(model), 0.0, positions=positions):
+            assert hook_count(model) == 0
             assert torch.equal(_logits(model, ids, mask, pos), ref)
     with V.steer(model, None, 0.3):
         assert torch.equal(_logits(model, ids, mask, pos), ref)
@@ -46,11 +38,11 @@ def test_nonzero_dose_changes_logits_and_exit_restores(tiny):
     model, tok = tiny
     ids, mask, pos = _batch(tok)
     ref = _logits(model, ids, mask, pos)
-    with V.steer(model, _sv(model), 0.5):
-        assert _hooks(model) == 2
+    with V.steer(model, random_vector(model), 0.5):
+        assert hook_count(model) == 2
         steered = _logits(model, ids, mask, pos)
     assert not torch.allclose(steered, ref)
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     assert torch.equal(_logits(model, ids, mask, pos), ref)
 
 
@@ -59,10 +51,10 @@ def test_hooks_removed_when_body_raises(tiny_llama):
     ids, mask, pos = _batch(tok)
     ref = _logits(model, ids, mask, pos)
     with pytest.raises(RuntimeError, match="boom"):
-        with V.steer(model, _sv(model), 0.5):
+        with V.steer(model, random_vector(model), 0.5):
             _logits(model, ids, mask, pos)
             raise RuntimeError("boom")
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     assert torch.equal(_logits(model, ids, mask, pos), ref)
 
 
@@ -79,21 +71,21 @@ def test_hooks_removed_when_generate_raises(tiny_llama):
     h = get_layers(model)[3].register_forward_hook(bomb)
     try:
         with pytest.raises(ValueError, match="mid-generation"):
-            with V.steer(model, _sv(model), 0.5):
+            with V.steer(model, random_vector(model), 0.5):
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                                pad_token_id=tok.pad_token_id)
     finally:
         h.remove()
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_bad_layer_raises_and_leaves_no_hooks(tiny_llama):
     model, _ = tiny_llama
-    sv = _sv(model, layers=(1, 99))
+    sv = random_vector(model, layers=(1, 99))
     with pytest.raises(ValueError, match="layer 99"):
         with V.steer(model, sv, 0.1):
             pass
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_generated_positions_leave_the_prompt_untouched(tiny):
@@ -102,7 +94,7 @@ def test_generated_positions_leave_the_prompt_untouched(tiny):
     ids, mask, pos = _batch(tok)
     plen = ids.shape[1] - 3  # pretend the last 3 positions were generated
     ref = _logits(model, ids, mask, pos)
-    with V.steer(model, _sv(model), 0.5, positions="generated", prompt_len=plen):
+    with V.steer(model, random_vector(model), 0.5, positions="generated", prompt_len=plen):
         out = _logits(model, ids, mask, pos)
     tag = plen - 1
     assert torch.equal(out[:, :tag], ref[:, :tag])
@@ -124,7 +116,7 @@ def _added_at_first_layer(model, ids, mask, pos, sv, **kw):
 def test_dose_unit_and_halflife_decay(tiny_llama):
     model, tok = tiny_llama
     ids, mask, pos = _batch(tok)
-    sv = _sv(model, layers=(1,), norm=7.0)
+    sv = random_vector(model, layers=(1,), norm=7.0)
     n = ids.shape[1]
     plen = n - 4  # tag at n-5, "generated" positions n-4..n-1 -> gen_pos 1..4
     diff, unit = _added_at_first_layer(model, ids, mask, pos, sv, dose=0.2, positions="all", halflife=2,
@@ -140,7 +132,7 @@ def test_generated_positions_with_generate_counts_decoding_steps(tiny_llama):
     """Around generate the first forward is the prompt: the tag gets the dose, each new token too."""
     model, tok = tiny_llama
     ids, mask, _ = _batch(tok)
-    sv = _sv(model, layers=(1,), norm=3.0)
+    sv = random_vector(model, layers=(1,), norm=3.0)
     seen = []
     with V.steer(model, sv, 0.1, positions="generated", halflife=1):
         with V.capture_layers(model, [1]) as st:
@@ -156,12 +148,12 @@ def test_generated_positions_with_generate_counts_decoding_steps(tiny_llama):
 def test_invalid_arguments(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(ValueError, match="positions"):
-        with V.steer(model, _sv(model), 0.1, positions="prompt"):
+        with V.steer(model, random_vector(model), 0.1, positions="prompt"):
             pass
     with pytest.raises(ValueError, match="positions"):  # checked even where steering is a no-op
-        with V.steer(model, _sv(model), 0.0, positions="prompt"):
+        with V.steer(model, random_vector(model), 0.0, positions="prompt"):
             pass
     with pytest.raises(ValueError, match="finite"):
-        with V.steer(model, _sv(model), float("nan")):
+        with V.steer(model, random_vector(model), float("nan")):
             pass
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0

@@ -52,10 +52,10 @@ def test_outputs_exist_with_their_columns(tiny_study):
     out = tiny_study / "out"
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
-    assert {"arm", "seed", "round", "stage", "axis_logodds", "auth_nats", "care_nats", "coherence",
+    assert {"arm", "seed", "round", "condition", "axis_logodds", "auth_nats", "care_nats", "coherence",
             "kept_loop_rate"} <= set(runs[0])
     assert {r["arm"] for r in runs} == {"rmse", "mean"}
-    assert {r["stage"] for r in runs} >= {"base", "prompted", "random", "steered", "healed"}
+    assert {r["condition"] for r in runs} >= {"base", "prompted", "random", "steered", "healed"}
     with open(out / "summary.csv") as f:
         summ = list(csv.DictReader(f))
     for k in ("axis_logodds", "auth_nats", "care_nats", "coherence", "kept_loop_rate"):
@@ -63,15 +63,15 @@ def test_outputs_exist_with_their_columns(tiny_study):
     # within-seed uncertainty next to the spread over seeds: item-bootstrap CI of the seed mean, and of deltas vs base
     for r in summ:
         lo, hi, m = (float(r[f"auth_nats_{e}"]) for e in ("ci_lo", "ci_hi", "mean"))
-        assert lo <= m <= hi, r["stage"]
-        assert (r["delta_auth_nats_ci_lo"] == "") == (r["stage"] == "base")
-    healed = next(r for r in summ if r["stage"] == "healed")
+        assert lo <= m <= hi, r["condition"]
+        assert (r["delta_auth_nats_ci_lo"] == "") == (r["condition"] == "base")
+    healed = next(r for r in summ if r["condition"] == "healed")
     assert float(healed["delta_auth_nats_ci_lo"]) <= float(healed["delta_auth_nats_mean"]) <= float(healed["delta_auth_nats_ci_hi"])
     # controls once, as arm "all"; healed per arm; kept loop rate only on steered/healed rows
-    assert {(r["arm"], r["stage"]) for r in summ} == {("all", "base"), ("all", "prompted"), ("all", "random"),
+    assert {(r["arm"], r["condition"]) for r in summ} == {("all", "base"), ("all", "prompted"), ("all", "random"),
                                                       ("rmse", "steered"), ("rmse", "healed"),
                                                       ("mean", "steered"), ("mean", "healed")}
-    healed = [r for r in summ if r["stage"] == "healed"]
+    healed = [r for r in summ if r["condition"] == "healed"]
     assert all(r["kept_loop_rate_mean"] != "" and 0 <= float(r["kept_loop_rate_mean"]) <= 1 for r in healed)
     assert (out / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ceo = json.loads((out / "ceo_outputs.json").read_text())
@@ -89,9 +89,9 @@ def test_outputs_exist_with_their_columns(tiny_study):
     assert meta["runs"][MEAN1]["shared_round0_stages"] == list(study.SHARED_STAGES)  # per seed, from rmse's run
     # round 0's arm-independent evals were copied from the first arm and read back, not recomputed
     shared = json.loads((tiny_study / "study" / MEAN0 / "shared_from.json").read_text())
-    assert shared["eval_stages"] == ["base", "prompted", "random_00", "random_01", "steered"]  # tiny: 2 controls
+    assert shared["eval_conditions"] == ["base", "prompted", "random_00", "random_01", "steered"]  # tiny: 2 controls
     notes = json.loads((tiny_study / "study" / MEAN0 / "round_00" / "eval.json").read_text())["notes"]
-    assert {n.split(":")[0] for n in notes if "read from eval_stages" in n} == {"base", "prompted", "random_00", "random_01",
+    assert {n.split(":")[0] for n in notes if "read from eval_conditions" in n} == {"base", "prompted", "random_00", "random_01",
                                                                                "steered"}
     # each run is its own process at threads=1, logged
     assert C.load_config(tiny_study / "study" / MEAN0 / "config.yaml").threads == 1
@@ -166,14 +166,14 @@ def test_strict_loop_gate_is_halfway_and_flags_a_near_loop():
 def test_spread_and_summary_group_controls_once():
     assert study.spread([1.0, 2.0, 3.0]) == {"mean": 2.0, "sd": 1.0, "min": 1.0, "max": 3.0, "n": 3}
     assert study.spread([None, ""])["n"] == 0
-    rows = [{"arm": a, "seed": s, "round": 0, "stage": st, "axis_logodds": v, "auth_nats": -1.0, "care_nats": -2.0,
+    rows = [{"arm": a, "seed": s, "round": 0, "condition": st, "axis_logodds": v, "auth_nats": -1.0, "care_nats": -2.0,
              "coherence": 0.9, "kept_loop_rate": None}
             for a in ("rmse", "mean") for s, v in ((0, 1.0), (1, 3.0)) for st in ("base", "healed")]
     summ = study.summarize(rows)
-    assert [(r["arm"], r["stage"]) for r in summ] == [("all", "base"), ("mean", "healed"), ("rmse", "healed")]
+    assert [(r["arm"], r["condition"]) for r in summ] == [("all", "base"), ("mean", "healed"), ("rmse", "healed")]
     assert summ[0]["n_seeds"] == 2 and summ[0]["axis_logodds_mean"] == 2.0 and summ[0]["axis_logodds_max"] == 3.0
     assert study.control_mismatch(rows) == 0.0
-    next(r for r in rows if (r["arm"], r["seed"], r["stage"]) == ("mean", 0, "base"))["axis_logodds"] = 1.5
+    next(r for r in rows if (r["arm"], r["seed"], r["condition"]) == ("mean", 0, "base"))["axis_logodds"] = 1.5
     assert study.control_mismatch(rows) == pytest.approx(0.5)  # mean-s0's base now differs from rmse-s0's
 
 

@@ -79,7 +79,7 @@ Example:
 """
 
 from .cli import add_cli
-from .conditions import eval_code_version, stage_dose, stage_fingerprint
+from .conditions import cached_condition, condition_dose, condition_fingerprint, eval_code_version
 from .data import load_heldout, load_probe, load_vignettes
 from .engine import find_prefill, greedy, next_token_logprobs, read_think_row, think_logprobs
 from .evidence import add_evidence
@@ -90,4 +90,5 @@ from .prompts import (FOUNDATIONS, FRAMES, GLOSSES, HUMAN_COLS, LABELS, NATS_KEY
                       VIGNETTE_PREFILL, EvalError, PromptSet, ThinkProtocol, assistant_turn_close, label_token_ids,
                       options_block, probe_template, split_prompts, think_opener, think_protocol, user_turn_to_assistant,
                       vignette_template)
-from .step import run_stage, summary_table
+from .figures import figures
+from .step import EvalResult, run_stage, summary_table

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import transformers
 
-from .. import axis, contract, datafiles
+from .. import axis, datafiles
 from ..embedded import sha256
 from ..heal.step import HEAL_KEYS
 from ..runfolder import read_json
@@ -20,7 +20,7 @@ from .data import PROBE, VIGNETTES
 from .prompts import EvalError
 
 
-def stage_dose(ctx) -> float | None:
+def condition_dose(ctx) -> float | None:
     """The dose 02 calibrated this round (round_NN/generate.json "dose"), else cfg.dose; None if 02 has not run
     or sampled with the persona prompt and no vector (``data_source: prompt``, and no ``dose`` set)."""
     p = ctx.artifact("generate_summary")
@@ -34,10 +34,7 @@ def stage_dose(ctx) -> float | None:
     return ctx.cfg.dose
 
 
-EVAL_STAGE_DIR = contract.artifact("eval_cache").file  # round_NN/eval_stages/<stage>.json: one finished model's result
-
-
-# What decides how a model is scored, besides the config, the model and the stage's inputs: the
+# What decides how a model is scored, besides the config, the model and the condition's inputs: the
 # prompt text and answer labels (read from evaluate.prompts at call time, so a changed constant counts),
 # the source of the scoring code and the data it reads.
 PROMPT_CONSTANTS = ("FOUNDATIONS", "GLOSSES", "LABELS", "FRAMES", "VIGNETTE_INSTRUCTION", "VIGNETTE_PREFILL",
@@ -59,7 +56,7 @@ def _hash_path(path: Path) -> str | dict[str, str]:
 def eval_code_version() -> str:
     """sha256 over how the eval scores: prompt constants, the scoring code, its data, torch/transformers versions.
 
-    Part of :func:`stage_fingerprint`, so a saved stage result computed by other code (a fixed
+    Part of :func:`condition_fingerprint`, so a saved condition's result computed by other code (a fixed
     prompt, another protocol, a changed steering hook) is recomputed instead of served stale.
     Any edit to the listed source files counts, also one that changes no number: the safe side.
     """
@@ -76,17 +73,17 @@ def eval_code_version() -> str:
 NOT_EVAL_KEYS = ("data_source",)
 
 
-def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vector: Path | None,
+def condition_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vector: Path | None,
                       dose: float | None, system: str | None) -> str:
-    """sha256 over everything one stage's eval reads: the config outside the heal keys, the stage's
+    """sha256 over everything one condition's eval reads: the config outside the heal keys, the
     seed, the active adapters' files, the vector file, the dose, the system prompt, the vignette
     file's contents and the eval's code version (:func:`eval_code_version`).
 
-    Two evaluations with the same fingerprint compute the same thing, so a finished stage's
+    Two evaluations with the same fingerprint compute the same thing, so a finished condition's
     result can be reused: after a crash inside 05, and by the study, whose arms share round 0's
     base, controls and steered model (they differ only in heal keys and in the adapter).
     """
-    doc = {"schema": 2, "stage": name, "seed": seed, "dose": dose if vector is not None else None, "system": system,
+    doc = {"schema": 3, "condition": name, "seed": seed, "dose": dose if vector is not None else None, "system": system,
            "config": {k: v for k, v in cfg.to_dict().items() if k not in HEAL_KEYS and k not in NOT_EVAL_KEYS},
            "vector": sha256(vector) if vector is not None else None,
            "adapters": [{f.name: sha256(f) for f in sorted(Path(d).iterdir()) if f.is_file()} for d in adapters],
@@ -97,7 +94,7 @@ def stage_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], vecto
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _cached_stage(path: Path, fingerprint: str) -> dict | None:
+def cached_condition(path: Path, fingerprint: str) -> dict | None:
     """The saved result at ``path`` when its fingerprint matches; None otherwise (or unreadable)."""
     try:
         doc = json.loads(path.read_text())

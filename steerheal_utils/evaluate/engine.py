@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
-from ..batching import left_pad, length_sorted_batches
+from ..batching import eos_ids, left_pad, length_sorted_batches
 from ..models import model_device
 from ..vector.steering import Steering
 from ..vector.steering import steering as steering_ctx
@@ -230,9 +230,7 @@ def greedy(model: nn.Module, tok, prompts: Sequence[list[int]], max_new_tokens: 
            progress: bool = False, desc: str = "greedy") -> list[list[int]]:
     """Greedy continuations (token ids, cut at the first EOS) of each prompt, batched."""
     dev = model_device(model)
-    eos = {tok.eos_token_id, tok.pad_token_id} - {None}
-    gen_eos = model.generation_config.eos_token_id
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+    eos = set(eos_ids(model, tok)) | ({tok.pad_token_id} - {None})
     out: list[list[int]] = [[] for _ in prompts]
     for b in tqdm(length_sorted_batches([len(p) for p in prompts], batch_size), desc=desc, disable=not progress, leave=False):
         ids, mask, _ = left_pad([prompts[i] for i in b], tok.pad_token_id, dev)

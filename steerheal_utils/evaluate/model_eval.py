@@ -11,6 +11,7 @@ from torch import nn
 
 from ..batching import left_pad, length_sorted_batches
 from ..chat import prompt_ids
+from ..kl import reverse as kl_reverse
 from ..models import model_device
 from ..vector.steering import Steering
 from .engine import greedy, next_token_logprobs, think_logprobs
@@ -163,7 +164,7 @@ def answer_kl(model: nn.Module, ref_ctx, tok, prompts: Sequence[list[int]], answ
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[sel].float(), -1)
         with ref_ctx():
             lq = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[sel].float(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
+        kl = kl_reverse(lp, lq)
         total += float(kl.sum())
         count += kl.numel()
     return total / max(count, 1)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..batching import eos_ids
 from ..chat import encode, render_prompt
 
 
@@ -197,9 +198,7 @@ def think_protocol(model: nn.Module, tok, prefill: str) -> ThinkProtocol:
     close_id = tok.convert_tokens_to_ids(THINK_CLOSE)
     if close_id is None or close_id == tok.unk_token_id:
         close_id = tok.eos_token_id
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-    suppress = sorted({tok.eos_token_id, close_id, *gen_eos} - {None})
+    suppress = sorted(set(eos_ids(model, tok)) | {close_id})
     suffix = encode(tok, THINK_CLOSE + assistant_turn_close(tok) + user_turn_to_assistant(tok, THINK_NUDGE)) + encode(tok, prefill)
     return ThinkProtocol(suffix, suppress, close_id, prefill)
 

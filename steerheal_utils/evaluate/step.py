@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 from ..progress import tqdm  # a plain final line, not a frozen widget, in the journal
 
 from .. import axis, controls, models
@@ -11,24 +14,35 @@ from ..runfolder import atomic_write_json, atomic_write_jsonl
 from ..vector.modes import spec_kwargs
 from ..vector.steering import Steering, check_vector_matches
 from ..vector.value import SteeringVector
-from .conditions import EVAL_STAGE_DIR, _cached_stage, stage_dose, stage_fingerprint
+from .conditions import cached_condition, condition_dose, condition_fingerprint
 from .data import load_heldout, load_vignettes
 from .evidence import add_evidence
 from .model_eval import answer_kl, evaluate_model, heldout_answers
 
-def run_stage(ctx, progress: bool = True) -> dict:
-    """05_eval: evaluate this round's stages and write ``round_NN/eval.json`` + ``eval_rows.jsonl``.
 
-    Stages: ``steered`` (round model + this round's vector at 02's dose), ``healed`` (adapters
+@dataclass
+class EvalResult:
+    """What 05 computed: the round's eval record (``eval.json``: every condition's summary with its
+    CIs and deltas vs base, the control band, held-out answers, notes, ``stop``) and its
+    per-vignette rows (``eval_rows.jsonl``, each with its ``condition``)."""
+
+    record: dict
+    rows: list[dict] = field(default_factory=list, repr=False)
+    run_dir: Path | None = None
+
+def run_stage(ctx, progress: bool = True) -> EvalResult:
+    """05_eval: evaluate this round's conditions and write ``round_NN/eval.json`` + ``eval_rows.jsonl``.
+
+    Conditions: ``steered`` (round model + this round's vector at 02's dose), ``healed`` (adapters
     of rounds 0..round, no vector); at round 0 also ``base`` and the controls ``prompted``
     (persona as system prompt) and the band ``random_00``... (``n_controls`` random rotations of
     the vector, each at the dose that matches the persona's next-token KL at the assistant tag:
-    :mod:`steerheal_utils.controls`; every round if ``controls_every_round``). Every stage gets
+    :mod:`steerheal_utils.controls`; every round if ``controls_every_round``). Every condition gets
     bootstrap CIs and deltas vs base, the round the band's summary (:func:`add_evidence`).
-    The base weights are loaded once; stages
-    switch adapters and hooks. Stages whose inputs are missing (no vector, no dose, no
-    adapter yet) are skipped with a note. Each finished stage is saved to
-    ``round_NN/eval_stages/<stage>.json`` with its :func:`stage_fingerprint`; a stage whose saved
+    The base weights are loaded once; conditions
+    switch adapters and hooks. Conditions whose inputs are missing (no vector, no dose, no
+    adapter yet) are skipped with a note. Each finished condition is saved to
+    ``round_NN/eval_conditions/<condition>.json`` with its :func:`condition_fingerprint`; a condition whose saved
     fingerprint matches is read back instead of recomputed (noted in ``notes``).
     """
     cfg, r = ctx.cfg, ctx.round
@@ -39,7 +53,7 @@ def run_stage(ctx, progress: bool = True) -> dict:
     healed_ok = has_adapter(own)
     if not healed_ok:
         notes.append(f"no adapter at {own} yet (04_heal has not run): 'healed' skipped")
-    stack = dirs + ([own] if healed_ok else [])  # adapters of rounds 0..r; stage k activates stack[:k]
+    stack = dirs + ([own] if healed_ok else [])  # adapters of rounds 0..r; condition k activates stack[:k]
     model = bake_adapters(base, stack)
     model.eval()
     rows = load_vignettes(cfg.vignettes or None, cfg.eval_max_rows, seed=cfg.seed)
@@ -55,11 +69,11 @@ def run_stage(ctx, progress: bool = True) -> dict:
         check_vector_matches(sv, model)
     else:
         notes.append(f"no vector at {vec_path} (01_vector has not run): 'steered' and 'random' skipped")
-    dose = stage_dose(ctx) if sv is not None else None
+    dose = condition_dose(ctx) if sv is not None else None
     if sv is not None and dose is None:
         notes.append("no dose (02_generate has not run and config dose is null): 'steered' and 'random' skipped")
 
-    plan: list[tuple[str, int, SteeringVector | None, str | None]] = []  # (stage, active adapters, vector, system)
+    plan: list[tuple[str, int, SteeringVector | None, str | None]] = []  # (condition, active adapters, vector, system)
     if r == 0:
         plan.append(("base", 0, None, None))
         if "prompted" in cfg.controls:
@@ -72,24 +86,24 @@ def run_stage(ctx, progress: bool = True) -> dict:
     if healed_ok:
         plan.append(("healed", r + 1, None, None))
 
-    stages, all_rows, stage_rows = {}, [], {}
+    conditions, all_rows, condition_rows = {}, [], {}
     matches = None  # the band's KL-matched doses (controls.band_matches), made when the first control needs them
     band = [(name, vec) for name, _, vec, _ in plan if controls.is_control_name(name)]
-    # one bar over the stages: per-batch bars would store dozens of widgets in the executed notebook
-    for name, k, vec, system in tqdm(plan, desc="05 eval stages", disable=not progress):
+    # one bar over the conditions: per-batch bars would store dozens of widgets in the executed notebook
+    for name, k, vec, system in tqdm(plan, desc="05 eval conditions", disable=not progress):
         # a control's fingerprint holds the persona's dose: its matched dose is derived from it (and the vector)
-        fp = stage_fingerprint(cfg, ctx.seed, name, stack[:k], vec_path if vec is not None else None, dose, system)
+        fp = condition_fingerprint(cfg, ctx.seed, name, stack[:k], vec_path if vec is not None else None, dose, system)
         saved_at = ctx.artifact("eval_cache") / f"{name}.json"
-        res = _cached_stage(saved_at, fp)
+        res = cached_condition(saved_at, fp)
         if res is not None:
-            notes.append(f"{name}: read from {EVAL_STAGE_DIR}/{name}.json (same fingerprint: same inputs), not recomputed")
+            notes.append(f"{name}: read from {saved_at.parent.name}/{name}.json (same fingerprint: same inputs), not recomputed")
         else:
             this_dose, match = dose, None
             if controls.is_control_name(name):
                 with active_adapters(model, k):
                     matches = matches or controls.band_matches(
                         ctx.artifact("eval_cache") / "control_match.json",
-                        stage_fingerprint(cfg, ctx.seed, "control_match", stack[:k], vec_path, dose, None),
+                        condition_fingerprint(cfg, ctx.seed, "control_match", stack[:k], vec_path, dose, None),
                         lambda: controls.KLMatcher(
                             model, tok, sv, dose, controls.kl_prompts(tok, cfg.control_kl_prompts), tol=cfg.control_kl_tol,
                             max_ratio=cfg.control_max_dose_ratio, positions=cfg.steer_positions,
@@ -106,24 +120,24 @@ def run_stage(ctx, progress: bool = True) -> dict:
                 res["summary"].update(controls.match_record(match, vec))
             saved_at.parent.mkdir(exist_ok=True)
             atomic_write_json(saved_at, {"fingerprint": fp, "summary": res["summary"], "rows": res["rows"]}, indent=None)
-        stages[name] = res["summary"]
-        stage_rows[name] = res["rows"]
-        all_rows += [{"stage": name, **row} for row in res["rows"]]
+        conditions[name] = res["summary"]
+        condition_rows[name] = res["rows"]
+        all_rows += [{"condition": name, **row} for row in res["rows"]]
         print(f"{name}: {ax.x_key} {res['summary'][ax.x_key]:.3f}  {ax.y_key} {res['summary'][ax.y_key]:.3f}  "
               f"coherence {res['summary']['coherence']:.3f}  {ax.pos} vs {ax.neg} "
               f"{res['summary'].get('axis_logodds', float('nan')):+.3f}  "
               f"({res['summary']['seconds']:.0f}s)")
 
-    out: dict = {"round": r, "stages": stages, "notes": notes, "n_vignettes": len(rows), "n_probe": len(probe),
+    out: dict = {"round": r, "conditions": conditions, "notes": notes, "n_vignettes": len(rows), "n_probe": len(probe),
                  "vignettes": cfg.vignettes or "mfv_classic_other_violate.jsonl", "dose": dose, "axis": ax.record()}
-    add_evidence(out, stage_rows, rows, run_dir=ctx.run_dir, seed=ctx.seed, n_boot=cfg.n_boot, level=cfg.ci_level,
+    add_evidence(out, condition_rows, rows, run_dir=ctx.run_dir, seed=ctx.seed, n_boot=cfg.n_boot, level=cfg.ci_level,
                  headline=ax.headline)
     heldout = load_heldout()
     if healed_ok:
         recs, pids, ans = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)
         out["heldout"] = recs
         out["kl_to_base"] = answer_kl(model, model.disable_adapter, tok, pids, ans, batch_size=max(1, cfg.batch_size // 2))
-        stages["healed"]["kl_to_base"] = out["kl_to_base"]
+        conditions["healed"]["kl_to_base"] = out["kl_to_base"]
     elif r == 0:  # the base's answers give the table its starting column
         with active_adapters(model, 0):
             out["heldout"] = heldout_answers(model, tok, heldout, cfg.heldout_max_new_tokens, cfg.batch_size)[0]
@@ -132,22 +146,22 @@ def run_stage(ctx, progress: bool = True) -> dict:
         cos = sv.cosine(SteeringVector.load(first)) if r > 0 and first.exists() else {layer: 1.0 for layer in sv.layers}
         out["vector_cosine_to_round0"] = sum(cos.values()) / max(len(cos), 1)
         out["vector_cosine_per_layer"] = {str(k): v for k, v in cos.items()}
-    if healed_ok and stages["healed"]["coherence"] < cfg.coh_floor:
-        out["stop"] = {"reason": f"healed coherence {stages['healed']['coherence']:.4f} is below coh_floor {cfg.coh_floor}"}
+    if healed_ok and conditions["healed"]["coherence"] < cfg.coh_floor:
+        out["stop"] = {"reason": f"healed coherence {conditions['healed']['coherence']:.4f} is below coh_floor {cfg.coh_floor}"}
     atomic_write_jsonl(ctx.artifact("eval_rows"), all_rows)
     atomic_write_json(ctx.artifact("eval"), out)
-    return out
+    return EvalResult(out, all_rows, ctx.run_dir)
 
 
 
-def summary_table(result: dict) -> list[dict]:
-    """One flat dict per stage for display: the headline metrics, each of the first four with its CI as ``<k>_ci``
+def summary_table(result: EvalResult) -> list[dict]:
+    """One flat dict per condition for display: the headline metrics, each of the first four with its CI as ``<k>_ci``
     (the map's x and y foundations of the round's axis, coherence, the axis probe)."""
-    ax = axis.from_eval(result)
+    ax = axis.from_eval(result.record)
     keys = (ax.x_key, ax.y_key, "coherence", "axis_logodds", "on_diag_authority", "on_diag_care", "agreement", "dose", "seconds")
     out = []
-    for name, s in result["stages"].items():
-        row = {"stage": name}
+    for name, s in result.record["conditions"].items():
+        row = {"condition": name}
         for k in keys:
             row[k] = round(s[k], 4) if isinstance(s.get(k), float) else s.get(k)
             if k in keys[:4]:

@@ -44,10 +44,10 @@ def arm_summary(run_dir: Path | str) -> dict:
     last = held[-1]
     out: dict = {"run": run_dir.name, "loop": cfg.loop, "rounds": len(held)}
     for row in metric_rows(run_dir):
-        if row["round"] == last and row["stage"] in ("steered", "healed"):
+        if row["round"] == last and row["condition"] in ("steered", "healed"):
             for m in HEADLINE:
-                out[f"{row['stage']}_delta_{m}"] = [row.get(f"delta_{m}"), row.get(f"delta_{m}_lo"), row.get(f"delta_{m}_hi")]
-            if row["stage"] == "healed":
+                out[f"{row['condition']}_delta_{m}"] = [row.get(f"delta_{m}"), row.get(f"delta_{m}_lo"), row.get(f"delta_{m}_hi")]
+            if row["condition"] == "healed":
                 out["kl_to_base"] = row.get("kl_to_base")
     strict, _ = strict_loop_thresholds(FilterThresholds.from_config(cfg))
     rows, tokens, steps, seconds = [], 0, 0, 0.0
@@ -72,7 +72,7 @@ def healed_difference(run_a: Path | str, run_b: Path | str, n_boot: int = 2000, 
     arrs = []
     for run in (run_a, run_b):
         last = rounds_that_hold(run)[-1]
-        rows = [r for r in read_jsonl(contract.path(run, last, "eval_rows")) if r.get("stage") == "healed"]
+        rows = [r for r in read_jsonl(contract.path(run, last, "eval_rows")) if r.get("condition") == "healed"]
         arrs.append(stats.vignette_arrays(rows))
     b = stats.align(arrs[1], arrs[0]["ids"])
     if b is None:

@@ -54,13 +54,13 @@ GEMMA_3_4B = dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, 
 SIZES: dict[str, dict[str, Any]] = {
     "small": dict(contexts=8, prompts=8, new_tokens=8, gen_batch=[8], naive_prompts=2, naive_tokens=8, filter_rows=8,
                   score_batch=8, heal_batch=2, heal_len=16, heal_steps=1, eval_rows=7, eval_batch=8, think=0,
-                  layouts=["prefix", "tinymfv"], naive_eval_rows=2, eval_stages=["steered"], probe_items=4),
+                  layouts=["prefix", "tinymfv"], naive_eval_rows=2, eval_conditions=["steered"], probe_items=4),
     "cpu": dict(contexts=64, prompts=64, new_tokens=48, gen_batch=[32, 64], naive_prompts=4, naive_tokens=48,
                 filter_rows=64, score_batch=16, heal_batch=4, heal_len=64, heal_steps=3, eval_rows=132, eval_batch=16,
-                think=0, layouts=["prefix", "tinymfv"], naive_eval_rows=12, eval_stages=["steered"], probe_items=0),
+                think=0, layouts=["prefix", "tinymfv"], naive_eval_rows=12, eval_conditions=["steered"], probe_items=0),
     "gpu": dict(contexts=256, prompts=256, new_tokens=256, gen_batch=[256], naive_prompts=4, naive_tokens=64,
                 filter_rows=256, score_batch=64, heal_batch=8, heal_len=256, heal_steps=4, eval_rows=132, eval_batch=64,
-                think=128, layouts=["tinymfv"], naive_eval_rows=1, eval_stages=["steered", "healed"], probe_items=0),
+                think=128, layouts=["tinymfv"], naive_eval_rows=1, eval_conditions=["steered", "healed"], probe_items=0),
 }
 
 
@@ -287,7 +287,7 @@ def run_bench(model, tok, *, sizes: dict, dev: torch.device, random_weights: boo
                            batch=S["eval_batch"], probe_items=len(probe), coherence=round(res["summary"]["coherence"], 4)))
         return run
 
-    if "steered" in S["eval_stages"]:
+    if "steered" in S["eval_conditions"]:
         b.stage("eval_steered", eval_stage("steered", model, sv))
 
     def naive_eval():
@@ -340,7 +340,7 @@ def run_bench(model, tok, *, sizes: dict, dev: torch.device, random_weights: boo
                         "log-softmax over every position, which chunking avoids"))
 
     b.stage("heal_step", heal_stage)
-    if "healed" in S["eval_stages"] and ctx.get("student") is not None:
+    if "healed" in S["eval_conditions"] and ctx.get("student") is not None:
         b.stage("eval_healed", eval_stage("healed", ctx["student"], None))
 
     # Last: the one-time compile is the most expensive stage, and a time limit should cut it, not the others.
@@ -504,8 +504,9 @@ def add_cli(p) -> None:
                             ("filter_rows", int, None), ("score_batch", int, None), ("heal_batch", int, None),
                             ("heal_len", int, None), ("heal_steps", int, None), ("eval_rows", int, None),
                             ("eval_batch", int, None), ("think", int, None), ("layouts", str, "+"),
-                            ("naive_eval_rows", int, None), ("eval_stages", str, "+"), ("probe_items", int, None)):
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, nargs=nargs, default=None,
+                            ("naive_eval_rows", int, None), ("eval_conditions", str, "+"), ("probe_items", int, None)):
+        old = ("--eval-stages",) if key == "eval_conditions" else ()  # its name before conditions were called so
+        p.add_argument("--" + key.replace("_", "-"), *old, dest=key, type=typ, nargs=nargs, default=None,
                        help=f"override the setting's {key}")
     p.set_defaults(func=_cli)
 

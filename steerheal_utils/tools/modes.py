@@ -38,8 +38,8 @@ COLUMNS = ("arm", "steer_mode", "dose_halflife", "dose", "n_generated", "n_kept"
            "healed_coherence_delta", "healed_coherence_lo", "healed_coherence_hi")
 
 
-def _delta(ev: dict, stage: str, metric: str) -> tuple[Any, Any, Any]:
-    d = ((ev.get("stages") or {}).get(stage) or {}).get("delta_vs_base", {}).get(metric) or {}
+def _delta(ev: dict, condition: str, metric: str) -> tuple[Any, Any, Any]:
+    d = ((ev.get("conditions") or {}).get(condition) or {}).get("delta_vs_base", {}).get(metric) or {}
     return d.get("delta"), d.get("lo"), d.get("hi")
 
 
@@ -49,7 +49,7 @@ def arm_row(name: str, run_dir: Path | str, rnd: int = 0) -> dict[str, Any]:
     cfg = C.load_config(run_dir / "config.yaml")
     comp = read_jsonl(contract.path(run_dir, rnd, "completions"), "03's completions")
     gen = read_json(contract.path(run_dir, rnd, "generate_summary"), "02's record")
-    ev = read_json(contract.path(run_dir, rnd, "eval"), "05's record")
+    ev = contract.read_eval(run_dir, rnd)
     kept = [r for r in comp if r.get("keep") is True]
     strict, _ = strict_loop_thresholds()
     loop = kept_loop_rate(comp, strict)
@@ -59,7 +59,7 @@ def arm_row(name: str, run_dir: Path | str, rnd: int = 0) -> dict[str, Any]:
     s = _delta(ev, "steered", "axis_logodds")
     h = _delta(ev, "healed", "axis_logodds")
     hc = _delta(ev, "healed", "coherence")
-    kl = (ev.get("stages", {}).get("healed") or {}).get("kl_to_base")
+    kl = (ev.get("conditions", {}).get("healed") or {}).get("kl_to_base")
     per = [x / kl if isinstance(x, (int, float)) and kl else None for x in h]
     bo = gen.get("backoff") or {}
     return {"arm": name, "steer_mode": cfg.steer_mode, "dose_halflife": cfg.dose_halflife, "dose": gen.get("dose"),

@@ -17,7 +17,7 @@ are copied into the other arms' ``round_00`` before those run (``shared_from.jso
 was copied, with sha256). tests/test_study.py checks that a copied round is byte-identical to
 one computed in its own run. Round 0's evals of the base, the controls (prompted, random vector)
 and the steered model do not involve the arm's adapter either: 05_eval saves each model's result
-with a fingerprint of its inputs (``evaluate.stage_fingerprint``), the study copies those of the
+with a fingerprint of its inputs (``evaluate.condition_fingerprint``), the study copies those of the
 first arm, and the other arms' 05_eval reads them back because the fingerprints match.
 
 Parallel: the study is one sweep (:mod:`.sweep`, runs named ``arm=<arm>,seed=<seed>``) run
@@ -86,17 +86,17 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 SHARED_STAGES = STAGES[:3]  # 01_vector, 02_generate, 03_filter
 METRICS = ("axis_logodds", "auth_nats", "care_nats", "coherence")
-CONTROL_STAGES = ("base", "prompted", "random")  # arm-independent, round 0 ("random": the control band's summary)
-DELTA_KEYS = tuple(f"delta_{m}" for m in METRICS)  # stage - base, paired (report.CI_COLUMNS)
+CONTROL_CONDITIONS = ("base", "prompted", "random")  # arm-independent, round 0 ("random": the control band's summary)
+DELTA_KEYS = tuple(f"delta_{m}" for m in METRICS)  # condition - base, paired (report.CI_COLUMNS)
 CEO_ID = "heldout-ceo-logs"
 SUMMARY_KEYS = (*METRICS, "kept_loop_rate", "kl_to_base")  # kl_to_base: healed, on the held-out answers
 
 
-def is_control(stage: str) -> bool:
-    """Arm-independent stages: base, prompted, the band summary ``random`` and its members ``random_NN``."""
+def is_control(condition: str) -> bool:
+    """Arm-independent conditions: base, prompted, the band summary ``random`` and its members ``random_NN``."""
     from ..controls import is_control_name
 
-    return stage in CONTROL_STAGES or is_control_name(stage)
+    return condition in CONTROL_CONDITIONS or is_control_name(condition)
 
 
 class StudyError(C.ConfigError):
@@ -214,12 +214,12 @@ def share_round0(src_run: Path, dst_run: Path, stages: Sequence[str] = SHARED_ST
 
 # ------------------------------------------------------------------ running the grid
 def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
-    """Copy round 0's saved per-stage evals of the arm-independent models (base, prompted, random,
+    """Copy round 0's saved per-condition evals of the arm-independent models (base, prompted, random,
     steered: no adapter of the arm is active in them) from ``src_run`` into ``dst_run``.
 
-    05_eval reads a copied stage back only when its fingerprint (config outside the heal keys,
+    05_eval reads a copied condition back only when its fingerprint (config outside the heal keys,
     vector, dose, active adapters) matches what it would compute, so a copy can save work but
-    never change a result. Returns the stage names copied; records them in ``shared_from.json``.
+    never change a result. Returns the condition names copied; records them in ``shared_from.json``.
     """
     src = contract.path(src_run, 0, "eval_cache")
     dst = contract.path(dst_run, 0, "eval_cache")
@@ -236,7 +236,7 @@ def share_round0_evals(src_run: Path, dst_run: Path) -> list[str]:
     rec_path = contract.run_path(dst_run, "shared_from")
     if copied and rec_path.exists():
         rec = read_json(rec_path)
-        rec["eval_stages"] = sorted(set(rec.get("eval_stages", [])) | set(copied))
+        rec["eval_conditions"] = sorted(set(rec.get("eval_conditions", [])) | set(copied))
         atomic_write_json(rec_path, rec)
     return copied
 
@@ -451,7 +451,7 @@ def collect_runs(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int
                 if rnd not in rates:
                     p = contract.path(run, rnd, "completions")
                     rates[rnd] = kept_loop_rate(read_jsonl(p, "completions"), strict) if p.exists() else None
-                lr = rates[rnd] if row["stage"] in ("steered", "healed") else None
+                lr = rates[rnd] if row["condition"] in ("steered", "healed") else None
                 out.append({"arm": arm, "seed": seed, **row, "kept_loop_rate": lr})
     return out
 
@@ -534,7 +534,7 @@ def spread(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def summarize(rows: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> list[dict]:
-    """One row per (arm, stage, round): mean / sd / min / max over seeds of ``keys``.
+    """One row per (arm, condition, round): mean / sd / min / max over seeds of ``keys``.
 
     The controls (base, prompted, random) do not depend on the arm: they are summarised once,
     as arm ``all``, from the first arm's run of each seed. The band's members (``random_NN``)
@@ -543,20 +543,20 @@ def summarize(rows: Sequence[dict], keys: Sequence[str] = SUMMARY_KEYS) -> list[
     first_arm = rows[0]["arm"] if rows else None
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if is_control(r["stage"]) and r["stage"] not in CONTROL_STAGES:
+        if is_control(r["condition"]) and r["condition"] not in CONTROL_CONDITIONS:
             continue
-        if r["stage"] in CONTROL_STAGES:
+        if r["condition"] in CONTROL_CONDITIONS:
             if r["arm"] != first_arm:
                 continue
-            key = ("all", r["stage"], r["round"])
+            key = ("all", r["condition"], r["round"])
         else:
-            key = (r["arm"], r["stage"], r["round"])
+            key = (r["arm"], r["condition"], r["round"])
         groups.setdefault(key, []).append(r)
-    order = {s: i for i, s in enumerate((*CONTROL_STAGES, "steered", "healed"))}
+    order = {s: i for i, s in enumerate((*CONTROL_CONDITIONS, "steered", "healed"))}
     out = []
-    for (arm, stage, rnd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0],
+    for (arm, condition, rnd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0],
                                                                        order.get(kv[0][1], 9), kv[0][2])):
-        row: dict[str, Any] = {"arm": arm, "stage": stage, "round": rnd, "n_seeds": len({r["seed"] for r in rs})}
+        row: dict[str, Any] = {"arm": arm, "condition": condition, "round": rnd, "n_seeds": len({r["seed"] for r in rs})}
         for k in keys:
             s = spread([r.get(k) for r in rs])
             row.update({f"{k}_{m}": s[m] for m in ("mean", "sd", "min", "max")})
@@ -569,13 +569,13 @@ def control_mismatch(rows: Sequence[dict]) -> float | None:
     ref: dict[tuple, float] = {}
     worst = None
     for r in rows:
-        if not is_control(r["stage"]):
+        if not is_control(r["condition"]):
             continue
         for k in METRICS:
             v = _num(r.get(k))
             if v is None:
                 continue
-            key = (r["seed"], r["stage"], r["round"], k)
+            key = (r["seed"], r["condition"], r["round"], k)
             if key in ref:
                 worst = max(worst or 0.0, abs(ref[key] - v))
             else:
@@ -584,15 +584,16 @@ def control_mismatch(rows: Sequence[dict]) -> float | None:
 
 
 def _round_eval(run: Path, rnd: int, cache: dict) -> tuple[dict, dict[str, list[dict]]] | None:
-    """A run's round: eval.json and its eval_rows.jsonl grouped by stage (cached per call of item_cis)."""
+    """A run's round: eval.json and its eval_rows.jsonl grouped by condition (cached per call of item_cis)."""
     key = (str(run), rnd)
     if key not in cache:
         ev, ev_rows = contract.path(run, rnd, "eval"), contract.path(run, rnd, "eval_rows")
         if ev.exists() and ev_rows.exists():
+            record = contract.read_eval(run, rnd)  # refuses a record made by an older version
             by: dict[str, list[dict]] = {}
             for r in read_jsonl(ev_rows, "eval rows"):
-                by.setdefault(r["stage"], []).append(r)
-            cache[key] = (read_json(ev, "eval record"), by)
+                by.setdefault(r["condition"], []).append(r)
+            cache[key] = (record, by)
         else:
             cache[key] = None
     return cache[key]
@@ -601,7 +602,7 @@ def _round_eval(run: Path, rnd: int, cache: dict) -> tuple[dict, dict[str, list[
 def item_cis(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], summary: Sequence[dict], *, n_boot: int = 2000,
              level: float = 0.95, seed: int = 0) -> None:
     """Add the within-seed uncertainty to the summary rows: ``<k>_ci_lo`` / ``<k>_ci_hi`` for the
-    :data:`METRICS` and their :data:`DELTA_KEYS` (stage - base), in place.
+    :data:`METRICS` and their :data:`DELTA_KEYS` (condition - base), in place.
 
     The interval is an item bootstrap of the *mean over seeds*: every resample draws vignettes
     (and, separately, probe items) with replacement, recomputes each seed's metric on them, and
@@ -620,20 +621,20 @@ def item_cis(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], s
     humans: dict[str, dict[str, int]] = {}
     for row in summary:
         arm = arms[0] if row["arm"] == "all" else row["arm"]
-        per_seed = []  # (ids, stage arrays/items, base arrays/items)
+        per_seed = []  # (ids, condition arrays/items, base arrays/items)
         for sd in seeds:
             run = Path(study_dir) / run_name(arm, sd)
             got = _round_eval(run, row["round"], cache)
             if got is None:
                 continue
             ev, by = got
-            names = sorted(n for n in by if n.startswith("random_")) if row["stage"] == "random" else [row["stage"]]
+            names = sorted(n for n in by if n.startswith("random_")) if row["condition"] == "random" else [row["condition"]]
             if not names or any(n not in by for n in names):
                 continue
-            base = (ev["stages"].get("base"), by.get("base")) if "base" in by else None
+            base = (ev["conditions"].get("base"), by.get("base")) if "base" in by else None
             if base is None:
                 got0 = _round_eval(run, 0, cache)
-                base = (got0[0]["stages"].get("base"), got0[1].get("base")) if got0 and "base" in got0[1] else None
+                base = (got0[0]["conditions"].get("base"), got0[1].get("base")) if got0 and "base" in got0[1] else None
             vfile = C.load_config(run / "config.yaml").vignettes or ""
             if vfile not in humans:
                 humans[vfile] = E.human_majority(E.load_vignettes(vfile or None))
@@ -642,23 +643,23 @@ def item_cis(study_dir: Path | str, arms: Sequence[str], seeds: Sequence[int], s
             continue
         ids0 = [r["id"] for r in per_seed[0][1][per_seed[0][2][0]]]
         joint = all([r["id"] for r in by[names[0]]] == ids0 for _, by, names, _, _ in per_seed)
-        n_items = {len(ev["stages"][names[0]].get("axis_items") or []) for ev, _, names, _, _ in per_seed}
+        n_items = {len(ev["conditions"][names[0]].get("axis_items") or []) for ev, _, names, _, _ in per_seed}
         smp, dsmp = [], []
         for i, (ev, by, names, base, human) in enumerate(per_seed):
             ids = [r["id"] for r in by[names[0]]]
             vidx = stats.bootstrap_indices(len(ids), n_boot, seed if joint else seed + 7919 * (i + 1))
-            n_p = len(ev["stages"][names[0]].get("axis_items") or [])
+            n_p = len(ev["conditions"][names[0]].get("axis_items") or [])
             pidx = stats.bootstrap_indices(n_p, n_boot, (seed if len(n_items) == 1 else seed + 7919 * (i + 1)) + 1) \
                 if n_p else None
 
             def samples(summ, recs):
                 arr = stats.align(stats.vignette_arrays(recs, human), ids) if recs else None
                 items = (summ or {}).get("axis_items")
-                return stats.stage_samples(arr, items if items is not None and len(items) == n_p else None, vidx, pidx)
+                return stats.condition_samples(arr, items if items is not None and len(items) == n_p else None, vidx, pidx)
 
-            s = stats.mean_over_seeds([samples(ev["stages"][n], by[n]) for n in names])  # a band: mean over members
+            s = stats.mean_over_seeds([samples(ev["conditions"][n], by[n]) for n in names])  # a band: mean over members
             smp.append(s)
-            if base is not None and base[1] and row["stage"] != "base":
+            if base is not None and base[1] and row["condition"] != "base":
                 b = samples(*base)
                 dsmp.append({m: s[m] - b[m] for m in s if m in b})
         for key, group in (("", smp), ("delta_", dsmp)):
@@ -753,7 +754,7 @@ def _fmt(s: dict, k: str, digits: int = 3, bold_if_nonzero: bool = False) -> str
 def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: Sequence[dict] = ()) -> str:
     """The README tables (eval at the first and last round, healed per arm, plus the controls; what
     02-04 did per round) and the CEO appendix."""
-    rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"})
+    rounds = sorted({r["round"] for r in summary if r["condition"] == "healed"})
     first, last = (rounds[0], rounds[-1]) if rounds else (0, 0)
     lines = [f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['rounds']} rounds, seeds "
              f"{', '.join(map(str, meta['seeds']))}; every cell is the mean over seeds [min, max] (CI: the "
@@ -762,22 +763,22 @@ def results_markdown(summary: Sequence[dict], ceo: dict, meta: dict, pipeline: S
              f"`kept loop` is the fraction of the round's kept (trained-on) rows that a stricter loop gate flags "
              f"(defined in `study.json`, `loop_rate_definition`); `KL to base` is the healed model's mean per-token "
              f"KL(healed || base) on its own greedy answers to the held-out prompts. Produced by `{meta['command']}`.", "",
-             "| arm | stage | round | axis probe (log-odds care vs auth) | auth_nats | care_nats | coherence | kept loop | KL to base |",
+             "| arm | condition | round | axis probe (log-odds care vs auth) | auth_nats | care_nats | coherence | kept loop | KL to base |",
              "|---|---|---|---|---|---|---|---|---|"]
-    pick = [r for r in summary if r["stage"] in CONTROL_STAGES]
-    pick += [r for r in summary if r["stage"] == "steered" and r["round"] == first]
-    pick += [r for r in summary if r["stage"] == "healed" and r["round"] in (first, last)]
+    pick = [r for r in summary if r["condition"] in CONTROL_CONDITIONS]
+    pick += [r for r in summary if r["condition"] == "steered" and r["round"] == first]
+    pick += [r for r in summary if r["condition"] == "healed" and r["round"] in (first, last)]
     for r in pick:
-        lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | {_fmt(r, 'axis_logodds')} | {_fmt(r, 'auth_nats')} | "
+        lines.append(f"| {r['arm']} | {r['condition']} | {r['round']} | {_fmt(r, 'axis_logodds')} | {_fmt(r, 'auth_nats')} | "
                      f"{_fmt(r, 'care_nats')} | {_fmt(r, 'coherence', 4)} | {_fmt(r, 'kept_loop_rate', 2)} | "
                      f"{_fmt(r, 'kl_to_base', 2)} |")
-    deltas = [r for r in pick if r["stage"] != "base" and any(r.get(f"{k}_mean") is not None for k in DELTA_KEYS)]
+    deltas = [r for r in pick if r["condition"] != "base" and any(r.get(f"{k}_mean") is not None for k in DELTA_KEYS)]
     if deltas:
-        lines += ["", "Difference from base (each run's stage minus its own base, paired on the same items; mean over "
+        lines += ["", "Difference from base (each run's condition minus its own base, paired on the same items; mean over "
                   "seeds [min, max] (CI)); **bold**: the CI excludes 0.", "",
-                  "| arm | stage | round | Δ axis probe | Δ auth_nats | Δ care_nats | Δ coherence |", "|---|---|---|---|---|---|---|"]
+                  "| arm | condition | round | Δ axis probe | Δ auth_nats | Δ care_nats | Δ coherence |", "|---|---|---|---|---|---|---|"]
         for r in deltas:
-            lines.append(f"| {r['arm']} | {r['stage']} | {r['round']} | "
+            lines.append(f"| {r['arm']} | {r['condition']} | {r['round']} | "
                          + " | ".join(_fmt(r, f"delta_{k}", 4 if k == "coherence" else 3, bold_if_nonzero=True)
                                       for k in ("axis_logodds", "auth_nats", "care_nats", "coherence")) + " |")
     if pipeline:
@@ -828,12 +829,12 @@ def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
               ("kl_to_base", "KL to base on held-out answers (nats/token)", False, False))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     axes = axes.ravel()
-    rounds = sorted({r["round"] for r in summary if r["stage"] == "healed"}) or [0]
+    rounds = sorted({r["round"] for r in summary if r["condition"] == "healed"}) or [0]
     for ax, (key, title, inv, logy) in zip(axes, panels):
         def tr(v):
             return None if v is None else max(1 - v, 1e-6) if inv else v
         for arm in arms:
-            rs = sorted((r for r in summary if r["arm"] == arm and r["stage"] == "healed"), key=lambda r: r["round"])
+            rs = sorted((r for r in summary if r["arm"] == arm and r["condition"] == "healed"), key=lambda r: r["round"])
             pts = [(r["round"], tr(r[f"{key}_mean"]), tr(r[f"{key}_min"]), tr(r[f"{key}_max"])) for r in rs
                    if r.get(f"{key}_mean") is not None]
             if pts:
@@ -848,10 +849,10 @@ def trajectory_png(summary: Sequence[dict], arms: Sequence[str]) -> bytes:
                     ax.errorbar(cx, cm, yerr=[[max(mm - l, 0) for mm, l in zip(cm, low)],
                                               [max(h - mm, 0) for mm, h in zip(cm, high)]],
                                 fmt="none", ecolor=colors.get(arm), capsize=3, lw=1)
-        for stage, (c, ls) in ref_style.items():
-            r = next((r for r in summary if r["stage"] == stage and r.get(f"{key}_mean") is not None), None)
+        for condition, (c, ls) in ref_style.items():
+            r = next((r for r in summary if r["condition"] == condition and r.get(f"{key}_mean") is not None), None)
             if r is not None:
-                ax.axhline(tr(r[f"{key}_mean"]), color=c, ls=ls, lw=1.2, label=stage)
+                ax.axhline(tr(r[f"{key}_mean"]), color=c, ls=ls, lw=1.2, label=condition)
         if logy:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
@@ -928,7 +929,7 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
     cfg0 = arm_config(arms[0], seeds[0], scale, preset, extra)
     item_cis(study_dir, arms, seeds, summary, n_boot=cfg0.n_boot, level=cfg0.ci_level)
     atomic_write_text(out / "runs.csv", _csv(rows, ("arm", "seed", *CSV_COLUMNS, "kept_loop_rate")))
-    cols = ["arm", "stage", "round", "n_seeds", *[f"{k}_{m}" for k in (*SUMMARY_KEYS, *DELTA_KEYS)
+    cols = ["arm", "condition", "round", "n_seeds", *[f"{k}_{m}" for k in (*SUMMARY_KEYS, *DELTA_KEYS)
                                                   for m in ("mean", "sd", "min", "max")],
             *[f"{p}{k}_ci_{e}" for p in ("", "delta_") for k in METRICS for e in ("lo", "hi")]]
     atomic_write_text(out / "summary.csv", _csv(summary, cols))
@@ -949,7 +950,7 @@ def write_outputs(study_dir: Path | str, out: Path | str, arms: Sequence[str], s
         "uncertainty": f"summary.csv <k>_ci_lo/_ci_hi (results.md: 'CI'): {cfg0.ci_level:.0%} percentile interval of "
                        f"the mean over seeds under an item bootstrap ({cfg0.n_boot} resamples of vignettes and, "
                        "separately, probe items, the same draws for every seed and model when they share items); "
-                       "delta_<k>: stage - base of the same run, paired on the same draws (study.item_cis)",
+                       "delta_<k>: condition - base of the same run, paired on the same draws (study.item_cis)",
         "controls": "base, prompted and random are arm-independent; summarised as arm 'all' from the first arm's run "
                     "of each seed",
         "control_max_abs_diff_between_arms": control_mismatch(rows),

@@ -144,14 +144,14 @@ def sweep(model, tok, sv, doses: Sequence[float], *, rows: Sequence[dict], probe
     held_ref = controls.tag_logprobs(model, tok, held, batch_size)
     band = [(controls.control_name(i), sv.rotated(s)) for i, s in enumerate(controls.control_seeds(seed, n_controls))]
 
-    stages: dict[str, dict] = {}
-    stage_rows: dict[str, list[dict]] = {}
-    info: dict[str, dict] = {}  # stage -> dose_index, vector, dose, kl fields
+    conditions: dict[str, dict] = {}
+    condition_rows: dict[str, list[dict]] = {}
+    info: dict[str, dict] = {}  # condition -> dose_index, vector, dose, kl fields
 
     def run(name: str, vec, dose: float | None, extra: dict) -> None:
         spec = Steering(vec, dose, positions, halflife) if vec is not None else None
         res = evaluate_model(model, tok, rows, steering=spec, **kw)
-        stages[name], stage_rows[name] = res["summary"], res["rows"]
+        conditions[name], condition_rows[name] = res["summary"], res["rows"]
         hk = controls.tag_kl(model, tok, held, vec, dose, ref=held_ref, positions=positions, halflife=halflife,
                              batch_size=batch_size) if vec is not None else 0.0
         info[name] = {**extra, "dose": dose or 0.0, "heldout_kl": hk}
@@ -169,12 +169,12 @@ def sweep(model, tok, sv, doses: Sequence[float], *, rows: Sequence[dict], probe
             m = matcher.match(vec)
             run(f"{name}@{k}", vec, m["dose"], {"dose_index": k, "vector": name, "persona_dose": d, "tag_kl": m["kl"],
                                                  "kl_matched": m["matched"], "match": controls.match_record(m, vec)})
-            stages[f"{name}@{k}"].update(controls.match_record(m, vec))
+            conditions[f"{name}@{k}"].update(controls.match_record(m, vec))
 
-    out: dict[str, Any] = {"stages": stages, "notes": [], "n_probe": len(probe)}
-    add_evidence(out, stage_rows, rows, run_dir=Path("."), seed=seed, n_boot=n_boot, level=level)
+    out: dict[str, Any] = {"conditions": conditions, "notes": [], "n_probe": len(probe)}
+    add_evidence(out, condition_rows, rows, run_dir=Path("."), seed=seed, n_boot=n_boot, level=level)
     table = []
-    for name, s in stages.items():
+    for name, s in conditions.items():
         if name == "base":
             continue
         i = info[name]
@@ -191,12 +191,12 @@ def sweep(model, tok, sv, doses: Sequence[float], *, rows: Sequence[dict], probe
         table.append(row)
     bands = []
     for k, d in enumerate(doses):
-        members = {n: stages[f"{n}@{k}"] for n, _ in band}
-        bands.append({"dose_index": k, "dose": d, **controls.band_summary(stages[f"{PERSONA}@{k}"], members, stages["base"])})
+        members = {n: conditions[f"{n}@{k}"] for n, _ in band}
+        bands.append({"dose_index": k, "dose": d, **controls.band_summary(conditions[f"{PERSONA}@{k}"], members, conditions["base"])})
     unmatched = [f"{n}@{b['dose']:.4g}" for b in bands for n in b["unmatched"]]
     notes = out["notes"] + ([f"WARNING: controls NOT KL-matched to the persona: {', '.join(unmatched)}"] if unmatched else [])
     return {"doses": doses, "table": table, "bands": bands, "recommended": recommend(table, coh_floor),
-            "base": {m: stages["base"].get(m) for m in METRICS} | {"ci": stages["base"].get("ci")},
+            "base": {m: conditions["base"].get(m) for m in METRICS} | {"ci": conditions["base"].get("ci")},
             "n_vignettes": len(rows), "n_probe": len(probe), "n_controls": n_controls, "heldout_prompts": len(held),
             "ci_method": out.get("ci_method"), "notes": notes, "seconds": round(time.time() - t0, 1)}
 
