@@ -135,7 +135,7 @@ def test_backtrack_samples_with_the_one_warper_and_matches_sample_at_dose_zero(t
     model, tok = tiny
     procs = BT.logits_processors(model, generate_kwargs(0.8, 5, 0.9), 4, torch.device("cpu"))
     assert [type(p) for p in procs if isinstance(p, (TopKTopP, TopKLogitsWarper, TopPLogitsWarper))] == [TopKTopP]
-    sv = _sv(model)
+    sv = random_vector(model)
     kw = dict(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=12, batch_size=2, seed=7)
     ref = sample(model, tok, PROMPTS, sv=sv, dose=0.0, **kw)
     rows = BT.sample_backtrack(model, tok, PROMPTS, sv=sv, dose=0.0, threshold=0.0, **kw)
