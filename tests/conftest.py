@@ -53,12 +53,14 @@ def write_nb(path: Path, code: str) -> None:
 
 
 # Fake stages must still write what the contract says their step writes, or the driver refuses
-# to mark them done: this line does it (dummy bytes; a folder artifact gets one file).
+# to mark them done: this line does it (dummy bytes; a folder artifact gets one file). The eval
+# record gets an empty ``conditions`` so that the report after the run reads it as this version's.
 FAKE_OUTPUTS = (
     "from steerheal_utils import contract as _c, runfolder as _r\n"
     "for _n in _c.step(ctx.stage).writes:\n"
     "    _p = ctx.artifact(_n)\n"
-    "    _r.atomic_write_text(_p / 'x' if _c.artifact(_n).kind != 'file' else _p, '{\"fake\": \"%s\"}\\n' % _n)\n")
+    "    _extra = ', \"conditions\": {}' if _n == 'eval' else ''\n"
+    "    _r.atomic_write_text(_p / 'x' if _c.artifact(_n).kind != 'file' else _p, '{\"fake\": \"%s\"%s}\\n' % (_n, _extra))\n")
 
 
 def fake_round(run: Path, rnd: int, cfg, stages=None, tag: str = "") -> None:
