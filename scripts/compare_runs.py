@@ -11,10 +11,9 @@ has are listed (a new artifact is expected to appear there). Exit status 1 when 
 
     python scripts/compare_runs.py --renamed runs/made_before runs/made_after
 
-``--renamed`` first applies the renames of the refactor that called what 05 evaluates a
-"condition" (a "stage" is a pipeline step) to the first folder: ``eval_stages/`` is read as
-``eval_conditions/``, eval.json's ``stages`` as ``conditions``, the ``stage`` of eval_rows.jsonl
-and of metrics.csv as ``condition``.
+``--renamed`` compares a copy of the first folder brought to this version's names by
+``steerheal upgrade`` (:mod:`steerheal_utils.upgrade`, the one place that knows the renames of
+the refactor that called what 05 evaluates a "condition"); the first folder is not touched.
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ import csv
 import io
 import json
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-RENAMED_PATHS = {"eval_stages": "eval_conditions"}
-RENAMED_KEYS = {"eval.json": {"stages": "conditions"}, "eval_rows.jsonl": {"stage": "condition"},
-                "metrics.csv": {"stage": "condition"}}
 TIME_KEYS = {"seconds", "tokens_per_s", "finished", "created", "time", "adopted", "seconds_own", "stage_spans"}
 
 
@@ -56,24 +54,18 @@ def _notebook(path: Path, roots) -> list:
     return out
 
 
-def _rename(obj, keys: dict):
-    return {keys.get(k, k): v for k, v in obj.items()} if keys and isinstance(obj, dict) else obj
-
-
-def same(a: Path, b: Path, roots, keys: dict | None = None) -> bool:
-    """Whether ``a`` and ``b`` hold the same artifact; ``keys`` renames top-level keys of ``a`` first."""
-    keys = keys or {}
+def same(a: Path, b: Path, roots) -> bool:
+    """Whether ``a`` and ``b`` hold the same artifact."""
     if a.suffix == ".json":
-        return _scrub(_rename(json.loads(a.read_text()), keys), roots) == _scrub(json.loads(b.read_text()), roots)
+        return _scrub(json.loads(a.read_text()), roots) == _scrub(json.loads(b.read_text()), roots)
     if a.suffix == ".jsonl":
-        ra = [_scrub(_rename(json.loads(line), keys), roots) for line in a.read_text().splitlines() if line.strip()]
-        rb = [_scrub(json.loads(line), roots) for line in b.read_text().splitlines() if line.strip()]
-        return ra == rb
+        def lines(p):
+            return [_scrub(json.loads(line), roots) for line in p.read_text().splitlines() if line.strip()]
+        return lines(a) == lines(b)
     if a.suffix == ".csv":
-        def rows(p, keys):
-            return [{keys.get(k, k): v for k, v in r.items() if k != "seconds"}
-                    for r in csv.DictReader(io.StringIO(p.read_text()))]
-        return rows(a, keys) == rows(b, {})
+        def rows(p):
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(io.StringIO(p.read_text()))]
+        return rows(a) == rows(b)
     if a.suffix == ".ipynb":
         return _notebook(a, roots) == _notebook(b, roots)
     return a.read_bytes() == b.read_bytes()
@@ -83,23 +75,33 @@ def main(argv: list[str]) -> int:
     renamed = "--renamed" in argv
     argv = [x for x in argv if x != "--renamed"]
     a, b = Path(argv[0]), Path(argv[1])
-    roots = [str(a.resolve()), str(b.resolve()), str(a), str(b)]
+    if renamed:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / a.name
+            shutil.copytree(a, copy, ignore=shutil.ignore_patterns(".lock"))
+            from steerheal_utils.upgrade import upgrade_run
 
-    def new_name(rel: Path) -> Path:  # the path the first folder's file has after the renames
-        return Path(*(RENAMED_PATHS.get(part, part) for part in rel.parts)) if renamed else rel
+            upgrade_run(copy)
+            return compare(copy, b, shown=a)
+    return compare(a, b)
 
-    fa = {new_name(p.relative_to(a)): p for p in a.rglob("*") if p.is_file()}
+
+def compare(a: Path, b: Path, shown: Path | None = None) -> int:
+    """Print one line per file and a summary; 1 when a file differs. ``shown``: the name printed for ``a``."""
+    shown = shown or a
+    roots = [str(a.resolve()), str(b.resolve()), str(a), str(b), str(shown.resolve()), str(shown)]
+    fa = {p.relative_to(a): p for p in a.rglob("*") if p.is_file()}
     fb = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
     bad = 0
     for rel in sorted(fa.keys() & fb):
-        ok = same(fa[rel], b / rel, roots, RENAMED_KEYS.get(rel.name) if renamed else None)
+        ok = same(fa[rel], b / rel, roots)
         bad += not ok
         print(f"{'same' if ok else 'DIFFERS'}  {rel}")
     for rel in sorted(fa.keys() - fb):
-        print(f"only in {a}: {rel}")
+        print(f"only in {shown}: {rel}")
     for rel in sorted(fb - fa.keys()):
         print(f"only in {b}: {rel}")
-    print(f"{len(fa.keys() & fb)} files in both, {bad} differ; {len(fa.keys() - fb)} only in {a}, "
+    print(f"{len(fa.keys() & fb)} files in both, {bad} differ; {len(fa.keys() - fb)} only in {shown}, "
           f"{len(fb - fa.keys())} only in {b}")
     return 1 if bad else 0
 
