@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_PROBE = "axis_probe.jsonl"
-DEFAULT_PROMPTS = "dilemmas.jsonl"  # 02's generation pool unless axis_prompts names another
 OPTION_PAIRS = (("pos_option", "neg_option"), ("care_option", "authority_option"))  # (pos, neg) field names
 
 
@@ -106,14 +105,13 @@ def from_eval(ev: dict) -> Axis:
     return Axis(**{k: rec[k] for k in Axis.__dataclass_fields__ if k in rec}) if rec else DEFAULT
 
 
-def probe_path(value: str, default: str = DEFAULT_PROBE) -> Path:
-    """The file a config value names (``axis_probe``, ``axis_prompts``): empty = the shipped
-    ``default``; a bare name that is not a local file = a shipped data file of that name; anything
-    else a path."""
+def probe_path(value: str) -> Path:
+    """The file a config value names (``axis_probe``, ``axis_prompts``): empty = the shipped probe;
+    a bare name that is not a local file = a shipped data file of that name; anything else a path."""
     from . import datafiles
 
     if not value:
-        return datafiles.path(default)
+        return datafiles.path(DEFAULT_PROBE)
     p = Path(value)
     if not p.exists() and len(p.parts) == 1:
         return datafiles.path(value)
@@ -217,7 +215,7 @@ def load_prompts(value: str = "") -> list[dict]:
 
     if not value:
         return datafiles.prompts("dilemmas")
-    p = probe_path(value, DEFAULT_PROMPTS)
+    p = probe_path(value)
     if not p.is_file():
         raise ProbeError(f"axis_prompts: no such file {p} (a JSONL path, or the name of a file in steerheal_utils/data/)")
     return parse_prompts(p.read_text(encoding="utf-8"), str(p))

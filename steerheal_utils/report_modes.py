@@ -39,9 +39,7 @@ def round_mode(run_dir: Path | str, rnd: int) -> dict | None:
     mode = g.get("steer_mode", "constant")
     out = {"round": rnd, "mode": mode, "halflife": g.get("halflife", 0), "dose": g.get("dose"), "knobs": {}}
     if mode == "cosine_gate":
-        gate = dict(g.get("cos_gate") or {})
-        out["gated_fraction"] = gate.pop("gated_fraction", g.get("gated_fraction"))  # where 02 recorded it
-        out["knobs"] = gate
+        out["knobs"] = dict(g.get("cos_gate") or {})
     if mode == "backtrack" and g.get("backoff"):
         bo = dict(g["backoff"])
         out["knobs"] = {"threshold_kl": bo.get("threshold_kl"), "k": bo.get("k"), "factor": bo.get("factor"),
@@ -60,12 +58,6 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else html.escape(str(v)))
 
 
-def _gated(m: dict) -> str:
-    if m["mode"] != "cosine_gate":
-        return "-"
-    return "not recorded" if m.get("gated_fraction") is None else _fmt(m["gated_fraction"])
-
-
 def modes_html(run_dir: Path | str, rounds: list[int]) -> str:
     """The section's HTML: one plain line when every round steered with the constant dose; otherwise a
     table of each round's mode, knobs and backoff statistics, and 02's "where it backed off" figure
@@ -81,7 +73,7 @@ def modes_html(run_dir: Path | str, rounds: list[int]) -> str:
 
     head = ("<tr><th>round</th><th>mode</th><th>knobs</th><th>dose</th><th>dose_halflife</th><th>rows backed off</th>"
             "<th>backoffs per row (rows)</th><th>mean token index of a backoff</th><th>effective dose</th>"
-            "<th>mean final dose</th><th>gated fraction</th></tr>")
+            "<th>mean final dose</th></tr>")
     cells, figs = [], []
     for m in recs:
         bo = m.get("backoff") or {}
@@ -91,11 +83,9 @@ def modes_html(run_dir: Path | str, rounds: list[int]) -> str:
         cells.append(f"<tr><td>{m['round']}</td><td>{html.escape(m['mode'])}</td><td>{knobs}</td><td>{_fmt(m['dose'])}</td>"
                      f"<td>{_fmt(m['halflife'])}</td><td>{backed}</td><td>{per_row}</td>"
                      f"<td>{_fmt(bo.get('mean_token_index'))}</td><td>{_fmt(bo.get('effective_dose'))}</td>"
-                     f"<td>{_fmt(bo.get('mean_final_dose'))}</td>"
-                     f"<td>{_gated(m)}</td></tr>")
+                     f"<td>{_fmt(bo.get('mean_final_dose'))}</td></tr>")
         if bo and m.get("rows") and (fig := backoff_figure({"backoff": bo, "round": m["round"]}, m["rows"])):
             figs.append(pio.to_html(fig, include_plotlyjs=False, full_html=False, config={"displaylogo": False}))
     note = ("<p><small>Effective dose: the mean dose the kept tokens were sampled at (token-weighted, before any "
-            "dose_halflife decay); the dose column is what 02 chose. Gated fraction: the share of steered positions "
-            "the cosine gate left open, where 02 recorded it.</small></p>")
+            "dose_halflife decay); the dose column is what 02 chose.</small></p>")
     return f"<table>{head}{''.join(cells)}</table>{note}{''.join(figs)}"
