@@ -171,6 +171,19 @@ def read_json(path: Path | str, what: str | None = None) -> Any:
         raise RunFolderError(f"corrupted {what or 'file'} {path}: {e}. {_REDO}") from None
 
 
+def read_cached(path: Path | str, fingerprint: str, keys: Iterable[str] = ()) -> dict | None:
+    """A saved result (a JSON object with a ``fingerprint``) when its fingerprint is ``fingerprint``
+    and it has every key in ``keys``; None when it is missing, unreadable, stale or incomplete (the
+    caller then computes it again, so a damaged cache costs time, never a wrong number)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint or any(k not in doc for k in keys):
+        return None
+    return doc
+
+
 def read_jsonl(path: Path | str, what: str | None = None) -> list[dict]:
     path = Path(path)
     if not path.exists():

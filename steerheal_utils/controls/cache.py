@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..runfolder import atomic_write_json
+from ..runfolder import atomic_write_json, read_cached
 from ..vector.value import SteeringVector
 from .matching import KLMatcher
 
@@ -20,12 +19,9 @@ def band_matches(path, fingerprint: str, matcher: Callable[[], KLMatcher], band:
     whether or not an earlier attempt crashed half-way through the band.
     """
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-        if doc.get("fingerprint") == fingerprint and set(doc.get("matches", {})) >= {n for n, _ in band}:
-            return doc["matches"]
-    except (OSError, ValueError, AttributeError):
-        pass
+    doc = read_cached(path, fingerprint, ("matches",))
+    if doc is not None and isinstance(doc["matches"], dict) and set(doc["matches"]) >= {n for n, _ in band}:
+        return doc["matches"]
     m = matcher()
     out = {name: {**m.match(vec), "seed": vec.meta.get("control_seed")} for name, vec in band}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import transformers
 from .. import axis, datafiles
 from ..embedded import sha256
 from ..heal.step import HEAL_KEYS
-from ..runfolder import read_json
+from ..runfolder import read_cached, read_json
 from . import prompts
 from .data import PROBE, VIGNETTES
 from .prompts import EvalError
@@ -96,10 +96,4 @@ def condition_fingerprint(cfg, seed: int, name: str, adapters: Sequence[Path], v
 
 def cached_condition(path: Path, fingerprint: str) -> dict | None:
     """The saved result at ``path`` when its fingerprint matches; None otherwise (or unreadable)."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint or "summary" not in doc or "rows" not in doc:
-        return None
-    return doc
+    return read_cached(path, fingerprint, ("summary", "rows"))
