@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contract
+from .config import default
 from .runfolder import RunFolderError, atomic_write_json, read_json, round_config
 
 SCHEMA = 1
@@ -312,8 +313,6 @@ def config_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
         >>> config_changes({"dose": 0.1}, {"dose": 0.2, "axis_prompts": "love.jsonl"})
         ['dose: 0.1 -> 0.2', "axis_prompts: (not recorded) -> 'love.jsonl'"]
     """
-    from .config import default
-
     out = []
     for k, v in now.items():
         old = recorded.get(k, _ABSENT)
